@@ -1,0 +1,116 @@
+"""What is worth uploading: include/exclude globs, and what kind of thing a path is.
+
+Nothing here opens a file: FIFOs, sockets and devices are recognised by ``lstat`` alone, so a
+FIFO dropped in a watched folder can never block the daemon.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from watcher.config import WatchConfig
+
+
+class PathFilter:
+    """Globs matched against the path relative to the watch root.
+
+    A pattern without ``/`` is matched against each part of the relative path, so ``.*`` skips
+    ``a/.cache/x`` as well as ``.hidden``; a pattern with ``/`` is matched against the whole
+    relative path (``reports/*.pdf``). ``include`` patterns without ``/`` match the file name.
+    """
+
+    def __init__(self, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> None:
+        self.include = include
+        self.exclude = exclude
+
+    def __repr__(self) -> str:
+        return f"PathFilter(include={list(self.include)!r}, exclude={list(self.exclude)!r})"
+
+    @staticmethod
+    def _matches(patterns: tuple[str, ...], rel: str, parts: list[str]) -> bool:
+        for pattern in patterns:
+            if "/" in pattern:
+                if fnmatchcase(rel, pattern):
+                    return True
+            elif any(fnmatchcase(part, pattern) for part in parts):
+                return True
+        return False
+
+    def wants_file(self, rel: str) -> bool:
+        parts = rel.split("/")
+        if self._matches(self.exclude, rel, parts):
+            return False
+        if not self.include:
+            return True
+        return any(fnmatchcase(rel if "/" in p else parts[-1], p) for p in self.include)
+
+    def wants_dir(self, rel: str) -> bool:
+        """A directory is entered unless an exclude pattern rules it out."""
+        return not self._matches(self.exclude, rel, rel.split("/"))
+
+
+class Kind(enum.Enum):
+    GONE = "gone"
+    DIRECTORY = "directory"
+    REGULAR = "regular"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    kind: Kind
+    st: os.stat_result | None = None  # of the file itself (the link's target when followed)
+    reason: str = ""
+    real_path: str | None = None  # where a followed link leads: what the uploader opens
+
+
+def inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _special(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def inspect(watch: WatchConfig, path: str) -> Inspection:
+    """Classify ``path`` without opening it; symlinks never lead out of the watch root."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return Inspection(Kind.GONE)
+    except OSError as exc:
+        return Inspection(Kind.SKIP, reason=f"cannot stat: {exc.strerror}")
+    real_path = None
+    if stat.S_ISLNK(st.st_mode):
+        if not watch.follow_symlinks:
+            return Inspection(Kind.SKIP, st, "symbolic link (follow_symlinks = false)")
+        real_path = os.path.realpath(path)
+        if not inside(real_path, str(watch.path)):
+            return Inspection(Kind.SKIP, st, "symbolic link pointing outside the watch root")
+        try:
+            st = os.stat(real_path)
+        except FileNotFoundError:
+            return Inspection(Kind.SKIP, st, "dangling symbolic link")
+        except OSError as exc:
+            reason = "symbolic link loop" if exc.errno == errno.ELOOP else exc.strerror
+            return Inspection(Kind.SKIP, st, f"cannot follow symbolic link: {reason}")
+    if stat.S_ISDIR(st.st_mode):
+        return Inspection(Kind.DIRECTORY, st, real_path=real_path)
+    if not stat.S_ISREG(st.st_mode):
+        return Inspection(Kind.SKIP, st, f"{_special(st.st_mode)}, never opened")
+    return Inspection(Kind.REGULAR, st, real_path=real_path)
+
+
+def relpath(watch: WatchConfig, path: str) -> str:
+    return os.path.relpath(path, watch.path).replace(os.sep, "/")
