@@ -1,0 +1,326 @@
+"""Sending one file to ``POST /file``: streamed multipart, answer classification, retries.
+
+The body streams from disk in chunks and the sha256 is computed from the very bytes sent, so a
+file is read once. Each attempt re-opens the file and builds a fresh body. Answers are sorted
+into success, transient (retried with backoff and jitter), permanent (the file fails at once)
+and auth (everything stops).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import json
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import aiohttp
+from aiohttp import hdrs
+from aiohttp.abc import AbstractStreamWriter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
+
+from watcher.config import ApiConfig
+from watcher.constants import INLINE_READ_MAX_BYTES, UPLOAD_CHUNK_BYTES
+from watcher.errors import (
+    AuthError,
+    FileChangedError,
+    PermanentError,
+    RateLimitedError,
+    TransientError,
+)
+
+PERMANENT_STATUSES = frozenset({400, 413, 415, 422})
+MAX_ERROR_BODY = 64 * 1024  # an error page is read this far, no further
+MAX_RETRY_AFTER_S = 3600.0  # a server asking for more than an hour is ignored past that
+
+
+@dataclass(frozen=True, slots=True)
+class UploadJob:
+    path: str  # as found in the watched folder; its basename is the uploaded filename
+    open_path: str  # what is opened: the link's target when a symlink is followed
+    follow: bool  # False: open with O_NOFOLLOW, a link swapped in is refused
+    purpose: str
+    max_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    file_id: str
+    sha256: str
+    size: int
+    mtime_ns: int
+
+
+# --- classification -----------------------------------------------------------------------------
+
+
+def _detail(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body[:200].decode("utf-8", "replace").strip() or "(empty body)"
+    detail = data.get("detail") if isinstance(data, dict) else None
+    if detail is None:
+        return json.dumps(data)[:200]
+    return detail if isinstance(detail, str) else json.dumps(detail)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value).timestamp()
+        except (TypeError, ValueError):
+            return None
+        seconds = when - (time.time() if now is None else now)
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def classify(status: int, body: bytes, retry_after: str | None = None) -> str:
+    """The file id from a successful answer, or the error this answer means."""
+    if 200 <= status < 300:
+        try:
+            file_id = json.loads(body)["r"]["id"]
+        except (ValueError, KeyError, TypeError):
+            file_id = None
+        if isinstance(file_id, str) and file_id:
+            return file_id
+        raise TransientError(f"HTTP {status} without a file id: {_detail(body)}")
+    if status in (401, 403):
+        raise AuthError(f"the API rejected the key (HTTP {status}: {_detail(body)})")
+    if status == 429:
+        raise RateLimitedError(f"HTTP 429: {_detail(body)}", parse_retry_after(retry_after))
+    if status == 408 or status >= 500:
+        raise TransientError(f"HTTP {status}: {_detail(body)}", parse_retry_after(retry_after))
+    # 400, 413, 415, 422 and any other 4xx: sending the same bytes again cannot help.
+    raise PermanentError(f"HTTP {status}: {_detail(body)}")
+
+
+# --- the request body ---------------------------------------------------------------------------
+
+
+def form_filename(path: str) -> str:
+    """The basename as browsers put it in multipart: raw UTF-8, with ``"`` CR LF escaped.
+
+    Bytes that are not UTF-8 (surrogate-escaped by Python) become U+FFFD: the API takes text.
+    """
+    name = os.path.basename(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return name.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+class FilePayload(aiohttp.payload.Payload):
+    """Streams an open file as the ``file`` part, hashing exactly the bytes it sends."""
+
+    def __init__(self, file: BinaryIO, size: int, filename: str) -> None:
+        super().__init__(file, content_type="application/octet-stream")
+        self._size = size
+        self._file = file
+        self.sha256 = hashlib.sha256()
+        self.shrank = False
+        # Built by hand: aiohttp would percent-encode a non-ASCII filename, which the API
+        # would store as the literal "%C3%A9…". Browsers and curl send raw UTF-8.
+        self.headers[hdrs.CONTENT_DISPOSITION] = f'form-data; name="file"; filename="{filename}"'
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a file payload is not text")
+
+    def _read(self, n: int) -> bytes:
+        chunk = self._file.read(n)
+        self.sha256.update(chunk)  # releases the GIL for large chunks
+        return chunk
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        remaining = self._size
+        while remaining > 0:
+            n = min(UPLOAD_CHUNK_BYTES, remaining)
+            if self._size <= INLINE_READ_MAX_BYTES:
+                chunk = self._read(n)  # a few pages from the page cache: no thread hop
+            else:
+                chunk = await loop.run_in_executor(None, self._read, n)
+            if not chunk:
+                self.shrank = True
+                raise FileChangedError("file shrank while being sent")
+            await writer.write(chunk)
+            remaining -= len(chunk)
+
+
+# --- rate limit and shared pause ----------------------------------------------------------------
+
+
+class Throttle:
+    """Spaces requests to ``max_per_s`` and pauses every worker after a 429.
+
+    One instance is shared by all workers: a 429 means the API as a whole wants less, so the
+    pause applies to everyone, not just the worker that was told.
+    """
+
+    def __init__(self, max_per_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        self._interval = 1.0 / max_per_s if max_per_s > 0 else 0.0
+        self._clock = clock
+        self._next_slot = 0.0
+        self._paused_until = 0.0
+
+    def pause(self, seconds: float) -> None:
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    async def wait(self) -> None:
+        # A loop, not one sleep: another 429 may push the pause further while we wait.
+        while (delay := self._paused_until - self._clock()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(delay)
+        if self._interval:
+            now = self._clock()
+            slot = max(now, self._next_slot)
+            self._next_slot = slot + self._interval
+            if slot > now:
+                await asyncio.sleep(slot - now)
+
+
+# --- the client ---------------------------------------------------------------------------------
+
+
+class Uploader:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        api: ApiConfig,
+        api_key: str,
+        throttle: Throttle,
+        on_retry: Callable[[UploadJob, int, str, float], None] | None = None,
+    ) -> None:
+        self._session = session
+        self._api = api
+        self._headers = {"apikey": api_key}
+        self._throttle = throttle
+        self._on_retry = on_retry
+        self._timeout = aiohttp.ClientTimeout(total=api.timeout_s)
+        # Exponential from backoff_initial_s, capped at backoff_max_s, plus up to one initial
+        # step of jitter so that workers that failed together do not come back together.
+        self._backoff = wait_exponential(
+            multiplier=api.backoff_initial_s, max=api.backoff_max_s
+        ) + wait_random(0, api.backoff_initial_s)
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after_s", None)
+        # The server's Retry-After wins over our own backoff, in both directions.
+        wait = float(self._backoff(state)) if retry_after is None else retry_after
+        if isinstance(exc, RateLimitedError):
+            self._throttle.pause(wait)
+        return wait
+
+    def _before_sleep(self, job: UploadJob) -> Callable[[RetryCallState], None]:
+        def note(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0.0
+            if self._on_retry:
+                self._on_retry(job, state.attempt_number, str(exc), wait)
+
+        return note
+
+    async def upload(self, job: UploadJob) -> tuple[Sent, int]:
+        """Send ``job``, retrying transient failures; return what was sent and the attempts."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._api.max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception_type(TransientError),
+            before_sleep=self._before_sleep(job),
+            reraise=True,
+        )
+        attempts = 0
+        async for attempt in retrying:
+            with attempt:
+                attempts = attempt.retry_state.attempt_number
+                sent = await self.upload_once(job)
+        return sent, attempts
+
+    async def upload_once(self, job: UploadJob) -> Sent:
+        file, before = open_regular(job.open_path, job.follow, job.max_size)
+        try:
+            payload = FilePayload(file, before.st_size, form_filename(job.path))
+            with aiohttp.MultipartWriter("form-data") as body:
+                body.append_payload(payload)
+                if job.purpose:
+                    part = body.append(job.purpose)
+                    part.set_content_disposition("form-data", name="file_purpose")
+            await self._throttle.wait()
+            try:
+                file_id = await self._post(body)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                if payload.shrank:
+                    raise FileChangedError("file shrank while being sent") from None
+                raise TransientError(_describe(exc, self._api.timeout_s)) from None
+            _check_unchanged(job, file, before)
+            return Sent(file_id, payload.sha256.hexdigest(), before.st_size, before.st_mtime_ns)
+        finally:
+            file.close()
+
+    async def _post(self, body: aiohttp.MultipartWriter) -> str:
+        url = self._api.base_url + "/file"
+        async with self._session.post(
+            url, data=body, headers=self._headers, timeout=self._timeout
+        ) as resp:
+            raw = await resp.content.read(MAX_ERROR_BODY)
+            return classify(resp.status, raw, resp.headers.get(hdrs.RETRY_AFTER))
+
+
+def _describe(exc: BaseException, timeout_s: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within timeout_s = {timeout_s:g}"
+    text = str(exc) or exc.__class__.__name__
+    return f"connection error: {text}"
+
+
+def open_regular(path: str, follow: bool, max_size: int) -> tuple[BinaryIO, os.stat_result]:
+    """Open without following a swapped-in link and without blocking on a FIFO."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise FileChangedError("file vanished before it was sent") from None
+    except PermissionError:
+        raise PermanentError("permission denied: the daemon cannot read this file") from None
+    except OSError as exc:
+        raise FileChangedError(f"cannot open: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise FileChangedError("no longer a regular file")
+    if st.st_size > max_size:
+        os.close(fd)
+        raise PermanentError(f"file is {st.st_size} bytes, over max_file_size ({max_size})")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb", buffering=0), st
+
+
+def _check_unchanged(job: UploadJob, file: Any, before: os.stat_result) -> None:
+    """Raise if the file was written to, truncated or replaced while it was being sent."""
+    after = os.fstat(file.fileno())
+    try:
+        now = os.stat(job.open_path, follow_symlinks=job.follow)
+    except OSError:
+        raise FileChangedError("file vanished while being sent") from None
+    same = (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    if not same or (now.st_ino, now.st_dev) != (before.st_ino, before.st_dev):
+        raise FileChangedError("file changed while being sent")
