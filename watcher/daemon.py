@@ -1,0 +1,214 @@
+"""The daemon's life: startup → run → shutdown.
+
+Startup opens and locks the manifest (rows cut by a crash go back to pending), opens one HTTP
+session, starts the observers *before* the start scan (so nothing slips between the two), then
+the workers. Run waits for a stop signal, an auth failure, or, in ``sync`` mode, for all work
+to be done. Shutdown stops the observers, lets uploads in flight finish within a grace period,
+cuts the rest (their rows go back to pending), closes the session and the manifest, and logs
+one summary line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+
+from watcher import __version__
+from watcher.config import Config
+from watcher.constants import SHUTDOWN_GRACE_S
+from watcher.errors import AuthError, ConfigError
+from watcher.filters import Kind, inspect
+from watcher.manifest import Manifest
+from watcher.pipeline import Pipeline
+from watcher.scanner import EventBridge, Observers
+from watcher.uploader import Throttle, Uploader
+
+log = structlog.get_logger("watcher.daemon")
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        api_key: str,
+        *,
+        once: bool = False,
+        paths: Sequence[str] = (),
+        grace_s: float = SHUTDOWN_GRACE_S,
+    ) -> None:
+        self.config = config
+        self.once = once
+        self.paths = [str(Path(p).absolute()) for p in paths]
+        self.grace_s = grace_s
+        self._api_key = api_key
+        self.pipeline: Pipeline | None = None
+        self.ready = asyncio.Event()  # the start scan is queued: systemd READY=1, tests
+        self._stop = asyncio.Event()
+        self._observers = Observers()
+        self._workers: list[asyncio.Task[None]] = []
+        self._settler_task: asyncio.Task[None] | None = None
+
+    def stop(self) -> None:
+        """Ask for a graceful stop; safe to call from a signal handler (on the loop)."""
+        self._stop.set()
+
+    async def run(self) -> int:
+        """The whole life of the daemon; returns the exit status."""
+        self._check_paths()
+        manifest = Manifest(self.config.manifest_path)
+        try:
+            manifest.lock()
+            recovered = manifest.recover()
+            connector = aiohttp.TCPConnector(limit=self.config.api.concurrency * 2)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                throttle = Throttle(self.config.api.max_requests_per_s)
+
+                def make_uploader(on_retry: Any) -> Uploader:
+                    return Uploader(session, self.config.api, self._api_key, throttle, on_retry)
+
+                pipeline = self.pipeline = Pipeline(self.config, manifest, make_uploader)
+                pipeline.on_auth_error = self._on_auth_error
+                await self._startup(pipeline, recovered)
+                try:
+                    await self._main(pipeline)
+                finally:
+                    await self._shutdown(pipeline)
+        finally:
+            manifest.close()
+        return self._exit_status(pipeline)
+
+    # -- phases ----------------------------------------------------------------------------------
+
+    async def _startup(self, pipeline: Pipeline, recovered: int) -> None:
+        loop = asyncio.get_running_loop()
+        log.info(
+            "starting",
+            version=__version__,
+            mode="sync" if self.once else "run",
+            manifest=str(self.config.manifest_path),
+            api=self.config.api.base_url,
+            watches=[str(w.path) for w in self.config.watches],
+            recovered=recovered,
+        )
+        self._settler_task = loop.create_task(pipeline.settler.run())
+        if not self.once:
+            for watch in self.config.watches:
+                self._observers.schedule(EventBridge(loop, watch, pipeline.on_event), watch)
+        self._workers = [
+            loop.create_task(pipeline.worker()) for _ in range(self.config.api.concurrency)
+        ]
+        if self.paths:
+            for path in self.paths:
+                self._scan_path(pipeline, path)
+        else:
+            for watch in self.config.watches:
+                pipeline.spawn(self._timed_scan(pipeline, watch))
+        self.ready.set()
+
+    async def _main(self, pipeline: Pipeline) -> None:
+        rescans = (
+            []
+            if self.once
+            else [
+                asyncio.create_task(self._rescan_every(pipeline, w))
+                for w in self.config.watches
+                if w.rescan_interval_s > 0
+            ]
+        )
+        try:
+            if self.once:
+                await self._until_idle(pipeline)
+            else:
+                await self._stop.wait()
+        finally:
+            for task in rescans:
+                task.cancel()
+            await asyncio.gather(*rescans, return_exceptions=True)
+
+    async def _shutdown(self, pipeline: Pipeline) -> None:
+        started = time.monotonic()
+        self._observers.stop()
+        pipeline.stop_accepting()
+        in_flight = pipeline.counters.in_flight
+        _, cut = (
+            await asyncio.wait(self._workers, timeout=self.grace_s)
+            if self._workers
+            else (set(), set())
+        )
+        for task in cut:
+            task.cancel()  # the worker puts its row back to pending
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        await pipeline.cancel_background()
+        if self._settler_task:
+            self._settler_task.cancel()
+            await asyncio.gather(self._settler_task, return_exceptions=True)
+        counts = pipeline.manifest.counts()
+        log.info(
+            "stopped",
+            **pipeline.counters.summary(),
+            in_flight_at_stop=in_flight,
+            cut=len(cut),
+            pending=counts["pending"],
+            duration_s=round(time.monotonic() - started, 2),
+        )
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _check_paths(self) -> None:
+        for path in self.paths:
+            if self.config.watch_for(Path(path)) is None:
+                raise ConfigError(f"{path}: not under any watched folder")
+            if not Path(path).exists():
+                raise ConfigError(f"{path}: does not exist")
+
+    def _scan_path(self, pipeline: Pipeline, path: str) -> None:
+        watch = self.config.watch_for(Path(path))
+        assert watch is not None
+        if inspect(watch, path).kind is Kind.DIRECTORY:
+            pipeline.spawn(pipeline.scan(watch, path))
+        else:
+            pipeline.consider(watch, path)
+
+    async def _timed_scan(self, pipeline: Pipeline, watch: Any) -> None:
+        started = time.monotonic()
+        seen = await pipeline.scan(watch)
+        log.info(
+            "scan done",
+            watch=str(watch.path),
+            files=seen,
+            settling=len(pipeline.settler),
+            duration_s=round(time.monotonic() - started, 3),
+        )
+
+    async def _rescan_every(self, pipeline: Pipeline, watch: Any) -> None:
+        # Catches what events missed (a dropped inotify queue, a share that was away).
+        while True:
+            await asyncio.sleep(watch.rescan_interval_s)
+            await self._timed_scan(pipeline, watch)
+
+    async def _until_idle(self, pipeline: Pipeline) -> None:
+        while not self._stop.is_set() and pipeline.auth_error is None:
+            if pipeline.idle():
+                return
+            pipeline.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                # `changed` wakes us on every step; the timeout covers steps that end quietly.
+                await asyncio.wait_for(pipeline.changed.wait(), 0.5)
+
+    def _on_auth_error(self, exc: AuthError) -> None:
+        log.error("stopping: the API rejected the key; files stay pending", reason=str(exc))
+        self._stop.set()
+
+    def _exit_status(self, pipeline: Pipeline) -> int:
+        if pipeline.auth_error is not None:
+            raise pipeline.auth_error
+        if self.once and pipeline.counters.failed:
+            return 1
+        return 0

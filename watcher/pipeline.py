@@ -1,0 +1,320 @@
+"""From a settled file to an ``uploaded`` row: intake decisions, the workers, the counters.
+
+Intake decides, by stat alone, whether a file is new or changed against the manifest, and
+queues it there. Workers claim rows from the manifest (the queue lives on disk, so memory does
+not grow with the backlog), upload, and record the outcome. Each outcome is explicit: uploaded,
+failed (permanent, or transient past ``max_attempts``), skipped, changed-while-sent (settles
+again), vanished (forgotten), or auth (everything stops, the file stays pending).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from watchdog.events import FileSystemEvent
+
+from watcher import actions
+from watcher.config import Config, WatchConfig
+from watcher.constants import IDLE_POLL_S, PENDING, SCAN_BATCH, UPLOADING
+from watcher.errors import (
+    AuthError,
+    FileChangedError,
+    PermanentError,
+    TransientError,
+    UploadError,
+)
+from watcher.filters import Inspection, Kind, PathFilter, inspect, relpath
+from watcher.manifest import Manifest, Record
+from watcher.scanner import Settler, event_paths, walk
+from watcher.uploader import Uploader, UploadJob, open_regular
+
+log = structlog.get_logger("watcher.pipeline")
+
+
+@dataclass
+class Counters:
+    uploaded: int = 0
+    failed: int = 0
+    skipped: int = 0
+    retried: int = 0
+    resent: int = 0  # changed while being sent: settles and goes again
+    vanished: int = 0
+    bytes_sent: int = 0
+    in_flight: int = 0
+    by_outcome: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "uploaded": self.uploaded,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "retried": self.retried,
+            "resent": self.resent,
+            "vanished": self.vanished,
+            "bytes_sent": self.bytes_sent,
+        }
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: Config,
+        manifest: Manifest,
+        uploader_factory: Callable[[Callable[[UploadJob, int, str, float], None]], Uploader],
+    ) -> None:
+        self.config = config
+        self.manifest = manifest
+        self.uploader = uploader_factory(self._on_retry)
+        self.counters = Counters()
+        self.settler = Settler(self._on_settled)
+        self.filters = {w: PathFilter(w.include, w.exclude) for w in config.watches}
+        self.auth_error: AuthError | None = None
+        self.changed = asyncio.Event()  # something moved on: `sync` re-checks whether it is done
+        self.on_auth_error: Callable[[AuthError], None] = lambda exc: None
+        self._work = asyncio.Event()
+        self._accepting = True
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- intake ----------------------------------------------------------------------------------
+
+    def on_event(self, watch: WatchConfig, event: FileSystemEvent) -> None:
+        found = event_paths(watch, event)
+        if found is None:
+            return
+        path, is_dir = found
+        rel = relpath(watch, path)
+        if is_dir:
+            # A folder created or moved in: walk it ourselves, whatever watchdog replays.
+            if watch.recursive and self.filters[watch].wants_dir(rel):
+                self.spawn(self.scan(watch, path))
+        elif self.filters[watch].wants_file(rel):
+            self.settler.touch(watch, path)
+
+    async def scan(self, watch: WatchConfig, top: str | None = None) -> int:
+        """Queue every new or changed file below ``top`` for settling; returns files seen."""
+        seen = 0
+        for path in walk(watch, self.filters[watch], top):
+            self.consider(watch, path)
+            seen += 1
+            if seen % SCAN_BATCH == 0:
+                await asyncio.sleep(0)  # let uploads and events through during a long scan
+        self.changed.set()
+        return seen
+
+    def consider(self, watch: WatchConfig, path: str) -> None:
+        """Settle ``path`` unless the manifest already has it, by stat alone: no read."""
+        inspection = inspect(watch, path)
+        if inspection.kind is Kind.GONE or not self._is_new(path, inspection):
+            return
+        self.settler.touch(watch, path)
+
+    def _is_new(self, path: str, inspection: Inspection) -> bool:
+        known = self.manifest.stat_of(path)
+        if known is None:
+            return True
+        state, size, mtime_ns = known
+        if state in (PENDING, UPLOADING):
+            return False  # already queued; the upload sends whatever is there by then
+        st = inspection.st
+        return st is None or (size, mtime_ns) != (st.st_size, st.st_mtime_ns)
+
+    def _on_settled(self, watch: WatchConfig, path: str, inspection: Inspection) -> None:
+        if inspection.kind is Kind.DIRECTORY:
+            self.spawn(self.scan(watch, path))
+            return
+        if not self._is_new(path, inspection):
+            return
+        st = inspection.st
+        if inspection.kind is Kind.SKIP:
+            self.counters.skipped += 1
+            log.info("skipped", path=path, reason=inspection.reason)
+            self.manifest.mark_skipped(
+                path,
+                watch.path,
+                inspection.reason,
+                st.st_size if st else None,
+                st.st_mtime_ns if st else None,
+            )
+        else:
+            assert st is not None
+            record = self.manifest.get(path)
+            if record and record.state == "uploaded" and record.size == st.st_size:
+                # Same size, new mtime (touch, cp -p of the same bytes): compare content.
+                self.spawn(self._compare_and_queue(watch, path, record, st))
+                return
+            self.manifest.enqueue(path, watch.path, st.st_size, st.st_mtime_ns)
+            self._work.set()
+        self.changed.set()
+
+    async def _compare_and_queue(
+        self, watch: WatchConfig, path: str, record: Record, st: os.stat_result
+    ) -> None:
+        digest = await asyncio.get_running_loop().run_in_executor(
+            None, _sha256_of, path, watch.follow_symlinks
+        )
+        if digest == record.sha256:
+            self.manifest.mark_unchanged(path, size=st.st_size, mtime_ns=st.st_mtime_ns)
+            log.debug("unchanged content", path=path)
+        else:
+            self.manifest.enqueue(path, watch.path, st.st_size, st.st_mtime_ns)
+            self._work.set()
+        self.changed.set()
+
+    # -- workers ---------------------------------------------------------------------------------
+
+    async def worker(self) -> None:
+        while self._accepting and self.auth_error is None:
+            claimed = self.manifest.claim(1)
+            if not claimed:
+                self._work.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._work.wait(), IDLE_POLL_S)
+                continue
+            record = claimed[0]
+            self.counters.in_flight += 1
+            try:
+                await self._process(record)
+            except asyncio.CancelledError:
+                self.manifest.release(record.path)
+                raise
+            finally:
+                self.counters.in_flight -= 1
+                self.changed.set()
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+        self._work.set()  # wake idle workers so they can leave
+
+    def wake(self) -> None:
+        self._work.set()
+
+    async def _process(self, record: Record) -> None:
+        path = record.path
+        watch = self.config.watch_for(Path(path))
+        if watch is None:
+            self.manifest.mark_skipped(path, record.watch, "no longer under a watched folder")
+            return
+        inspection = inspect(watch, path)
+        if inspection.kind in (Kind.GONE, Kind.DIRECTORY):
+            self.counters.vanished += 1
+            log.info("vanished before upload", path=path)
+            self.manifest.forget(path)
+            return
+        if inspection.kind is Kind.SKIP:
+            self.counters.skipped += 1
+            self.manifest.mark_skipped(path, watch.path, inspection.reason)
+            return
+        job = UploadJob(
+            path=path,
+            open_path=inspection.real_path or path,
+            follow=watch.follow_symlinks,
+            purpose=watch.purpose,
+            max_size=watch.max_file_size,
+        )
+        started = time.monotonic()
+        try:
+            sent, attempts = await self.uploader.upload(job)
+        except AuthError as exc:
+            self.manifest.release(path)
+            if self.auth_error is None:
+                self.auth_error = exc
+                self.on_auth_error(exc)
+            return
+        except FileChangedError as exc:
+            self.counters.resent += 1
+            log.info(
+                "changed while sending, will settle and send again", path=path, reason=exc.reason
+            )
+            self.manifest.forget(path)
+            self.settler.touch(watch, path)
+            return
+        except (PermanentError, TransientError) as exc:
+            self._fail(watch, record, exc)
+            return
+        self.manifest.mark_uploaded(
+            path,
+            file_id=sent.file_id,
+            sha256=sent.sha256,
+            size=sent.size,
+            mtime_ns=sent.mtime_ns,
+            attempts=attempts,
+        )
+        self.counters.uploaded += 1
+        self.counters.bytes_sent += sent.size
+        log.info(
+            "uploaded",
+            path=path,
+            file_id=sent.file_id,
+            size=sent.size,
+            attempt=attempts,
+            duration_s=round(time.monotonic() - started, 3),
+        )
+        actions.after_upload(watch, path, self.manifest)
+
+    def _fail(
+        self, watch: WatchConfig, record: Record, exc: PermanentError | TransientError
+    ) -> None:
+        transient = isinstance(exc, TransientError)
+        reason = (
+            f"gave up after {self.config.api.max_attempts} attempts: {exc.reason}"
+            if transient
+            else exc.reason
+        )
+        attempts = self.config.api.max_attempts if transient else record.attempts + 1
+        self.manifest.mark_failed(record.path, reason, attempts=attempts)
+        self.counters.failed += 1
+        log.warning("failed", path=record.path, reason=reason, attempt=attempts)
+        actions.after_failure(watch, record.path, self.manifest)
+
+    def _on_retry(self, job: UploadJob, attempt: int, reason: str, wait_s: float) -> None:
+        self.counters.retried += 1
+        log.info("retrying", path=job.path, attempt=attempt, reason=reason, wait_s=round(wait_s, 2))
+        self.manifest.note_attempt(job.path, attempt, reason)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background step failed", error=repr(task.exception()))
+        self.changed.set()
+
+    def idle(self) -> bool:
+        """Nothing settling, scanning, queued or in flight: `sync` may finish."""
+        return (
+            not self._background
+            and len(self.settler) == 0
+            and self.counters.in_flight == 0
+            and not self.manifest.has_pending()
+        )
+
+    async def cancel_background(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _sha256_of(path: str, follow: bool) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        file, _ = open_regular(path, follow, max_size=2**63)
+    except UploadError:
+        return None
+    with file:
+        while chunk := file.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
