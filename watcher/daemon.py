@@ -28,7 +28,7 @@ from watcher.filters import Kind, inspect
 from watcher.manifest import Manifest
 from watcher.pipeline import Pipeline
 from watcher.scanner import EventBridge, Observers
-from watcher.uploader import Throttle, Uploader
+from watcher.uploader import ApiClient, Throttle
 
 log = structlog.get_logger("watcher.daemon")
 
@@ -69,11 +69,8 @@ class Daemon:
             connector = aiohttp.TCPConnector(limit=self.config.api.concurrency * 2)
             async with aiohttp.ClientSession(connector=connector) as session:
                 throttle = Throttle(self.config.api.max_requests_per_s)
-
-                def make_uploader(on_retry: Any) -> Uploader:
-                    return Uploader(session, self.config.api, self._api_key, throttle, on_retry)
-
-                pipeline = self.pipeline = Pipeline(self.config, manifest, make_uploader)
+                client = ApiClient(session, self.config.api, self._api_key, throttle)
+                pipeline = self.pipeline = Pipeline(self.config, manifest, client)
                 pipeline.on_auth_error = self._on_auth_error
                 await self._startup(pipeline, recovered)
                 try:

@@ -30,10 +30,13 @@ class ManifestError(WatcherError):
 class UploadError(Exception):
     """One request to the API failed; subclasses say whether trying again can help."""
 
-    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, reason: str, retry_after_s: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after_s = retry_after_s
+        self.status = status
 
 
 class TransientError(UploadError):

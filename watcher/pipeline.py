@@ -35,7 +35,7 @@ from watcher.errors import (
 from watcher.filters import Inspection, Kind, PathFilter, inspect, relpath
 from watcher.manifest import Manifest, Record
 from watcher.scanner import Settler, event_paths, walk
-from watcher.uploader import Uploader, UploadJob, open_regular
+from watcher.uploader import ApiClient, UploadJob, open_regular
 
 log = structlog.get_logger("watcher.pipeline")
 
@@ -69,11 +69,12 @@ class Pipeline:
         self,
         config: Config,
         manifest: Manifest,
-        uploader_factory: Callable[[Callable[[UploadJob, int, str, float], None]], Uploader],
+        client: ApiClient,
     ) -> None:
         self.config = config
         self.manifest = manifest
-        self.uploader = uploader_factory(self._on_retry)
+        self.client = client
+        client.on_retry = self._on_retry
         self.counters = Counters()
         self.settler = Settler(self._on_settled)
         self.filters = {w: PathFilter(w.include, w.exclude) for w in config.watches}
@@ -222,7 +223,7 @@ class Pipeline:
         )
         started = time.monotonic()
         try:
-            sent, attempts = await self.uploader.upload(job)
+            sent, attempts = await self.client.upload(job)
         except AuthError as exc:
             self.manifest.release(path)
             if self.auth_error is None:
@@ -275,10 +276,18 @@ class Pipeline:
         log.warning("failed", path=record.path, reason=reason, attempt=attempts)
         actions.after_failure(watch, record.path, self.manifest)
 
-    def _on_retry(self, job: UploadJob, attempt: int, reason: str, wait_s: float) -> None:
+    def _on_retry(self, kind: str, subject: str, attempt: int, reason: str, wait_s: float) -> None:
         self.counters.retried += 1
-        log.info("retrying", path=job.path, attempt=attempt, reason=reason, wait_s=round(wait_s, 2))
-        self.manifest.note_attempt(job.path, attempt, reason)
+        log.info(
+            "retrying",
+            call=kind,
+            subject=subject,
+            attempt=attempt,
+            reason=reason,
+            wait_s=round(wait_s, 2),
+        )
+        if kind == "upload":
+            self.manifest.note_attempt(subject, attempt, reason)
 
     # -- bookkeeping -----------------------------------------------------------------------------
 

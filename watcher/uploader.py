@@ -15,9 +15,9 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import aiohttp
 from aiohttp import hdrs
@@ -42,7 +42,8 @@ from watcher.errors import (
 )
 
 PERMANENT_STATUSES = frozenset({400, 413, 415, 422})
-MAX_ERROR_BODY = 64 * 1024  # an error page is read this far, no further
+MAX_BODY = 4 * 1024 * 1024  # answers are small JSON; an error page is not read further
+T = TypeVar("T")
 MAX_RETRY_AFTER_S = 3600.0  # a server asking for more than an hour is ignored past that
 
 
@@ -92,24 +93,31 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
-def classify(status: int, body: bytes, retry_after: str | None = None) -> str:
-    """The file id from a successful answer, or the error this answer means."""
+def classify(status: int, body: bytes, retry_after: str | None = None) -> Any:
+    """The payload ``r`` of a successful answer, or the error this answer means."""
     if 200 <= status < 300:
         try:
-            file_id = json.loads(body)["r"]["id"]
+            return json.loads(body)["r"]
         except (ValueError, KeyError, TypeError):
-            file_id = None
-        if isinstance(file_id, str) and file_id:
-            return file_id
-        raise TransientError(f"HTTP {status} without a file id: {_detail(body)}")
+            raise TransientError(
+                f"HTTP {status} with an unexpected body: {_detail(body)}"
+            ) from None
     if status in (401, 403):
         raise AuthError(f"the API rejected the key (HTTP {status}: {_detail(body)})")
     if status == 429:
         raise RateLimitedError(f"HTTP 429: {_detail(body)}", parse_retry_after(retry_after))
     if status == 408 or status >= 500:
         raise TransientError(f"HTTP {status}: {_detail(body)}", parse_retry_after(retry_after))
-    # 400, 413, 415, 422 and any other 4xx: sending the same bytes again cannot help.
-    raise PermanentError(f"HTTP {status}: {_detail(body)}")
+    # 400, 413, 415, 422 and any other 4xx: sending the same request again cannot help.
+    raise PermanentError(f"HTTP {status}: {_detail(body)}", status=status)
+
+
+def file_id_of(payload: Any) -> str:
+    """The id in ``{"r": {"id": ...}}``; a 2xx without one is treated as a transient fault."""
+    file_id = payload.get("id") if isinstance(payload, dict) else None
+    if isinstance(file_id, str) and file_id:
+        return file_id
+    raise TransientError(f"answer without a file id: {json.dumps(payload)[:200]}")
 
 
 # --- the request body ---------------------------------------------------------------------------
@@ -200,26 +208,30 @@ class Throttle:
 # --- the client ---------------------------------------------------------------------------------
 
 
-class Uploader:
+class ApiClient:
+    """Every call to the API, with one retry policy and one throttle for all of them."""
+
     def __init__(
         self,
         session: aiohttp.ClientSession,
         api: ApiConfig,
         api_key: str,
         throttle: Throttle,
-        on_retry: Callable[[UploadJob, int, str, float], None] | None = None,
     ) -> None:
         self._session = session
         self._api = api
         self._headers = {"apikey": api_key}
         self._throttle = throttle
-        self._on_retry = on_retry
+        # Set by the pipeline: (kind, subject, attempt, reason, wait_s) for each retry.
+        self.on_retry: Callable[[str, str, int, str, float], None] | None = None
         self._timeout = aiohttp.ClientTimeout(total=api.timeout_s)
         # Exponential from backoff_initial_s, capped at backoff_max_s, plus up to one initial
         # step of jitter so that workers that failed together do not come back together.
         self._backoff = wait_exponential(
             multiplier=api.backoff_initial_s, max=api.backoff_max_s
         ) + wait_random(0, api.backoff_initial_s)
+
+    # -- retry policy --
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -230,30 +242,54 @@ class Uploader:
             self._throttle.pause(wait)
         return wait
 
-    def _before_sleep(self, job: UploadJob) -> Callable[[RetryCallState], None]:
+    async def _retrying(
+        self, kind: str, subject: str, call: Callable[[], Awaitable[T]]
+    ) -> tuple[T, int]:
+        """``call()`` until it succeeds, fails for good, or runs out of attempts.
+
+        ``kind`` (upload, task, delete) and ``subject`` (a path, a file id) are for the
+        on_retry callback, which logs each retry and keeps the manifest's attempt count.
+        """
+
         def note(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
-            if self._on_retry:
-                self._on_retry(job, state.attempt_number, str(exc), wait)
+            if self.on_retry:
+                self.on_retry(kind, subject, state.attempt_number, str(exc), wait)
 
-        return note
-
-    async def upload(self, job: UploadJob) -> tuple[Sent, int]:
-        """Send ``job``, retrying transient failures; return what was sent and the attempts."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._api.max_attempts),
             wait=self._wait,
             retry=retry_if_exception_type(TransientError),
-            before_sleep=self._before_sleep(job),
+            before_sleep=note,
             reraise=True,
         )
-        attempts = 0
         async for attempt in retrying:
             with attempt:
-                attempts = attempt.retry_state.attempt_number
-                sent = await self.upload_once(job)
-        return sent, attempts
+                result = await call()
+        return result, attempt.retry_state.attempt_number
+
+    async def _request(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        """One request: (HTTP status, payload ``r``), or the classified error."""
+        await self._throttle.wait()
+        try:
+            async with self._session.request(
+                method,
+                self._api.base_url + path,
+                headers=self._headers,
+                timeout=self._timeout,
+                **kw,
+            ) as resp:
+                raw = await _read_capped(resp)
+                return resp.status, classify(resp.status, raw, resp.headers.get(hdrs.RETRY_AFTER))
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise TransientError(_describe(exc, self._api.timeout_s)) from None
+
+    # -- files --
+
+    async def upload(self, job: UploadJob) -> tuple[Sent, int]:
+        """Send ``job``, retrying transient failures; return what was sent and the attempts."""
+        return await self._retrying("upload", job.path, lambda: self.upload_once(job))
 
     async def upload_once(self, job: UploadJob) -> Sent:
         file, before = open_regular(job.open_path, job.follow, job.max_size)
@@ -264,25 +300,54 @@ class Uploader:
                 if job.purpose:
                     part = body.append(job.purpose)
                     part.set_content_disposition("form-data", name="file_purpose")
-            await self._throttle.wait()
             try:
-                file_id = await self._post(body)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                _, answer = await self._request("POST", "/file", data=body)
+            except TransientError:
                 if payload.shrank:
                     raise FileChangedError("file shrank while being sent") from None
-                raise TransientError(_describe(exc, self._api.timeout_s)) from None
+                raise
+            file_id = file_id_of(answer)
             _check_unchanged(job, file, before)
             return Sent(file_id, payload.sha256.hexdigest(), before.st_size, before.st_mtime_ns)
         finally:
             file.close()
 
-    async def _post(self, body: aiohttp.MultipartWriter) -> str:
-        url = self._api.base_url + "/file"
-        async with self._session.post(
-            url, data=body, headers=self._headers, timeout=self._timeout
-        ) as resp:
-            raw = await resp.content.read(MAX_ERROR_BODY)
-            return classify(resp.status, raw, resp.headers.get(hdrs.RETRY_AFTER))
+    async def delete_file(self, file_id: str) -> None:
+        try:
+            await self._retrying(
+                "delete", file_id, lambda: self._request("DELETE", f"/file/{file_id}")
+            )
+        except PermanentError as exc:
+            if exc.status != 404:  # already gone (the API deletes files after 24 h anyway)
+                raise
+
+    # -- tasks --
+
+    async def start_task(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /task`` for the file at ``path``; returns ``{"id": ..., "status": ...}``."""
+        (_, answer), _ = await self._retrying(
+            "task", path, lambda: self._request("POST", "/task", json=body)
+        )
+        if not isinstance(answer, dict) or not isinstance(answer.get("id"), str):
+            raise PermanentError(f"task start answered without a task id: {str(answer)[:200]}")
+        return answer
+
+    async def get_task(self, task_id: str) -> dict[str, Any]:
+        """One ``GET /task/{id}`` (202 while it runs, 200 once it ended); the caller paces it."""
+        _, answer = await self._request("GET", f"/task/{task_id}")
+        if not isinstance(answer, dict):
+            raise TransientError(f"unexpected task answer: {str(answer)[:200]}")
+        return answer
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """The body, whole, up to MAX_BODY bytes: an error page is not read further."""
+    chunks: list[bytes] = []
+    total = 0
+    while total < MAX_BODY and (chunk := await resp.content.read(MAX_BODY - total)):
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def _describe(exc: BaseException, timeout_s: float) -> str:
