@@ -4,6 +4,7 @@ running for real (in a thread with its own loop, or as a subprocess for exit cod
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -111,6 +112,20 @@ class Setup:
         return path
 
 
+def toml_value(value: Any) -> str:
+    """Enough of a TOML writer for test configs: scalars, lists and inline tables."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items())
+        return "{" + items + "}"
+    return repr(value)
+
+
 def write_config(
     tmp: Path, base_url: str, key_file: Path, watch: dict[str, Any], api_extra: str = ""
 ) -> Path:
@@ -130,14 +145,7 @@ def write_config(
         "[[watch]]",
     ]
     for key, value in watch.items():
-        rendered = (
-            f'"{value}"'
-            if isinstance(value, str | Path)
-            else str(value).lower()
-            if isinstance(value, bool)
-            else repr(value)
-        )
-        lines.append(f"{key} = {rendered}")
+        lines.append(f"{key} = {toml_value(value)}")
     path = tmp / "config.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

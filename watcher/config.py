@@ -51,8 +51,9 @@ class TaskConfig:
     task: str
     url: str = ""
     max_steps: int = 32
-    metadata: Mapping[str, str | int | float | bool] = field(default_factory=dict)
-    response_model: Mapping[str, Any] = field(default_factory=dict)
+    # hash=False: tables are not hashable, and a WatchConfig is used as a dict key.
+    metadata: Mapping[str, str | int | float | bool] = field(default_factory=dict, hash=False)
+    response_model: Mapping[str, Any] = field(default_factory=dict, hash=False)
     wait: bool = True
     result_dir: Path | None = None
     delete_file_after: bool = False

@@ -54,6 +54,7 @@ class Daemon:
         self._observers = Observers()
         self._workers: list[asyncio.Task[None]] = []
         self._settler_task: asyncio.Task[None] | None = None
+        self._task_follower: asyncio.Task[None] | None = None
 
     def stop(self) -> None:
         """Ask for a graceful stop; safe to call from a signal handler (on the loop)."""
@@ -101,6 +102,8 @@ class Daemon:
         self._workers = [
             loop.create_task(pipeline.worker()) for _ in range(self.config.api.concurrency)
         ]
+        if pipeline.tasks.enabled:
+            self._task_follower = loop.create_task(pipeline.follow_tasks())
         if self.paths:
             for path in self.paths:
                 self._scan_path(pipeline, path)
@@ -143,9 +146,10 @@ class Daemon:
             task.cancel()  # the worker puts its row back to pending
         await asyncio.gather(*self._workers, return_exceptions=True)
         await pipeline.cancel_background()
-        if self._settler_task:
-            self._settler_task.cancel()
-            await asyncio.gather(self._settler_task, return_exceptions=True)
+        for task in (self._settler_task, self._task_follower):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         counts = pipeline.manifest.counts()
         log.info(
             "stopped",

@@ -352,6 +352,45 @@ class Manifest:
             (_key(path), PENDING, UPLOADING, SKIPPED),
         )
 
+    # -- tasks --
+
+    def set_task(self, path: str | Path, task_id: str, status: str) -> None:
+        self._write(
+            "UPDATE files SET task_id = ?, task_status = ?, task_output = NULL, updated_at = ? "
+            "WHERE path = ?",
+            (task_id, status, time.time(), _key(path)),
+        )
+
+    def set_task_result(
+        self, path: str | Path, status: str, output: str | None, error: str | None = None
+    ) -> None:
+        """The task ended (or could not start: ``status = "error"`` with the reason)."""
+        self._write(
+            "UPDATE files SET task_status = ?, task_output = ?, error = coalesce(?, error), "
+            "updated_at = ? WHERE path = ?",
+            (status, output, _cut(error), time.time(), _key(path)),
+        )
+
+    def tasks_to_start(self, watches: Iterable[str | Path], limit: int = 100) -> list[Record]:
+        """Uploaded files under ``watches`` whose task was never started (a crash, a restart)."""
+        roots = [_key(w) for w in watches]
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM files WHERE state = ? AND task_id IS NULL "
+            f"AND task_status IS NULL AND watch IN ({','.join('?' * len(roots))}) "
+            "ORDER BY uploaded_at LIMIT ?",
+            (UPLOADED, *roots, limit),
+        )
+        return [Record.from_row(r) for r in rows]
+
+    def running_tasks(self, watches: Iterable[str | Path]) -> list[Record]:
+        roots = [_key(w) for w in watches]
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM files WHERE task_status IN ('waiting', 'running') "
+            f"AND watch IN ({','.join('?' * len(roots))})",
+            roots,
+        )
+        return [Record.from_row(r) for r in rows]
+
     def retry(self, paths: Iterable[str | Path] = (), *, failed: bool = False) -> int:
         """Failed (or named) rows back to pending; returns how many changed."""
         now = time.time()

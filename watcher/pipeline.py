@@ -35,6 +35,7 @@ from watcher.errors import (
 from watcher.filters import Inspection, Kind, PathFilter, inspect, relpath
 from watcher.manifest import Manifest, Record
 from watcher.scanner import Settler, event_paths, walk
+from watcher.tasks import TaskRunner
 from watcher.uploader import ApiClient, UploadJob, open_regular
 
 log = structlog.get_logger("watcher.pipeline")
@@ -75,6 +76,7 @@ class Pipeline:
         self.manifest = manifest
         self.client = client
         client.on_retry = self._on_retry
+        self.tasks = TaskRunner(config, manifest, client)
         self.counters = Counters()
         self.settler = Settler(self._on_settled)
         self.filters = {w: PathFilter(w.include, w.exclude) for w in config.watches}
@@ -226,9 +228,7 @@ class Pipeline:
             sent, attempts = await self.client.upload(job)
         except AuthError as exc:
             self.manifest.release(path)
-            if self.auth_error is None:
-                self.auth_error = exc
-                self.on_auth_error(exc)
+            self.auth_failed(exc)
             return
         except FileChangedError as exc:
             self.counters.resent += 1
@@ -260,6 +260,26 @@ class Pipeline:
             duration_s=round(time.monotonic() - started, 3),
         )
         actions.after_upload(watch, path, self.manifest)
+        if watch.task is not None:
+            uploaded = self.manifest.get(path)
+            if uploaded is not None:
+                try:
+                    await self.tasks.start_for(watch, uploaded)
+                except AuthError as exc:
+                    self.auth_failed(exc)
+
+    def auth_failed(self, exc: AuthError) -> None:
+        if self.auth_error is None:
+            self.auth_error = exc
+            self.on_auth_error(exc)
+
+    async def follow_tasks(self) -> None:
+        """Start tasks a stop kept from starting, then follow running ones until cancelled."""
+        try:
+            await self.tasks.start_missing()
+            await self.tasks.poll_forever()
+        except AuthError as exc:
+            self.auth_failed(exc)
 
     def _fail(
         self, watch: WatchConfig, record: Record, exc: PermanentError | TransientError
@@ -309,6 +329,7 @@ class Pipeline:
             and len(self.settler) == 0
             and self.counters.in_flight == 0
             and not self.manifest.has_pending()
+            and not self.tasks.busy()
         )
 
     async def cancel_background(self) -> None:
