@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -83,8 +84,22 @@ def _special(mode: int) -> str:
     return "not a regular file"
 
 
+@functools.lru_cache(maxsize=4096)
+def _folder_ok(root: str, folder: str, follow: bool) -> bool:
+    """Is ``folder`` reached without a link (or, when following, without leaving the root)?
+
+    Cached, as every file of a folder asks the same question; the uploader checks the opened
+    file's real path again, so a folder swapped for a link after this answer is still caught.
+    """
+    real = os.path.realpath(folder)
+    return inside(real, root) if follow else real == os.path.normpath(folder)
+
+
 def inspect(watch: WatchConfig, path: str) -> Inspection:
     """Classify ``path`` without opening it; symlinks never lead out of the watch root."""
+    if not _folder_ok(str(watch.path), os.path.dirname(path), watch.follow_symlinks):
+        reason = "outside the watch root" if watch.follow_symlinks else "(follow_symlinks = false)"
+        return Inspection(Kind.SKIP, reason=f"inside a symbolically linked folder {reason}")
     try:
         st = os.lstat(path)
     except FileNotFoundError:

@@ -12,6 +12,7 @@ import asyncio
 import email.utils
 import hashlib
 import json
+import math
 import os
 import stat
 import time
@@ -54,6 +55,7 @@ class UploadJob:
     follow: bool  # False: open with O_NOFOLLOW, a link swapped in is refused
     purpose: str
     max_size: int
+    root: str | None = None  # the watch root the opened file must resolve into
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return None
     try:
         seconds = float(value)
+        if not math.isfinite(seconds):
+            return None
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value).timestamp()
@@ -160,10 +164,10 @@ class FilePayload(aiohttp.payload.Payload):
         self, writer: AbstractStreamWriter, content_length: int | None
     ) -> None:
         loop = asyncio.get_running_loop()
-        remaining = self._size
+        size = remaining = self._size or 0
         while remaining > 0:
             n = min(UPLOAD_CHUNK_BYTES, remaining)
-            if self._size <= INLINE_READ_MAX_BYTES:
+            if size <= INLINE_READ_MAX_BYTES:
                 chunk = self._read(n)  # a few pages from the page cache: no thread hop
             else:
                 chunk = await loop.run_in_executor(None, self._read, n)
@@ -292,7 +296,7 @@ class ApiClient:
         return await self._retrying("upload", job.path, lambda: self.upload_once(job))
 
     async def upload_once(self, job: UploadJob) -> Sent:
-        file, before = open_regular(job.open_path, job.follow, job.max_size)
+        file, before = open_regular(job.open_path, job.follow, job.max_size, job.root)
         try:
             payload = FilePayload(file, before.st_size, form_filename(job.path))
             with aiohttp.MultipartWriter("form-data") as body:
@@ -357,8 +361,14 @@ def _describe(exc: BaseException, timeout_s: float) -> str:
     return f"connection error: {text}"
 
 
-def open_regular(path: str, follow: bool, max_size: int) -> tuple[BinaryIO, os.stat_result]:
-    """Open without following a swapped-in link and without blocking on a FIFO."""
+def open_regular(
+    path: str, follow: bool, max_size: int, root: str | None = None
+) -> tuple[BinaryIO, os.stat_result]:
+    """Open without following a swapped-in link and without blocking on a FIFO.
+
+    With ``root``, the opened file's real path (from /proc/self/fd) must lie inside it, and
+    be ``path`` itself unless links are followed: a folder swapped for a link is refused.
+    """
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)
@@ -368,6 +378,9 @@ def open_regular(path: str, follow: bool, max_size: int) -> tuple[BinaryIO, os.s
         raise PermanentError("permission denied: the daemon cannot read this file") from None
     except OSError as exc:
         raise FileChangedError(f"cannot open: {exc.strerror}") from None
+    if root is not None and not _opened_inside(fd, path, root, follow):
+        os.close(fd)
+        raise PermanentError("reached through a symbolic link out of the watch root: not sent")
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -377,6 +390,16 @@ def open_regular(path: str, follow: bool, max_size: int) -> tuple[BinaryIO, os.s
         raise PermanentError(f"file is {st.st_size} bytes, over max_file_size ({max_size})")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb", buffering=0), st
+
+
+def _opened_inside(fd: int, path: str, root: str, follow: bool) -> bool:
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no /proc (not Linux): the lstat-based checks before opening stand alone
+        return True
+    if follow:
+        return real == root or real.startswith(root.rstrip("/") + "/")
+    return real == os.path.normpath(path)
 
 
 def _check_unchanged(job: UploadJob, file: Any, before: os.stat_result) -> None:
