@@ -7,6 +7,7 @@ so a user can fix it without reading code. Durations end in ``_s``; sizes are by
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import re
 import stat
@@ -178,8 +179,8 @@ def _int(lo: int, hi: int | None = None) -> Callable[[Any], int]:
 
 def _float(lo: float, *, above: bool = False) -> Callable[[Any], float]:
     def check(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise ValueError(f"expected a number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise ValueError(f"expected a finite number, got {v!r}")
         if v < lo or (above and v == lo):
             raise ValueError(f"must be {'>' if above else '≥'} {lo:g}, got {v:g}")
         return float(v)
@@ -212,9 +213,10 @@ def parse_size(v: Any) -> int:
     if isinstance(v, int) and not isinstance(v, bool) and v > 0:
         return v
     m = _SIZE.match(v) if isinstance(v, str) else None
-    if not m or float(m.group(1)) <= 0:
+    size = int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]) if m else 0
+    if size <= 0:
         raise ValueError(f"expected a positive size such as 512MiB or 2GB, got {v!r}")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+    return size
 
 
 def _listen(v: Any) -> tuple[str, int] | None:
@@ -379,11 +381,12 @@ class _Loader:
         if values.get("after_upload") == "move" and values["done_dir"] is None:
             raise self._error(where, "done_dir", 'is required when after_upload = "move"')
         for key in ("done_dir", "failed_dir"):
-            inside = values[key] is not None and (
-                values[key] == root or root in values[key].parents
-            )
-            if inside and values.get("recursive", True):
-                raise self._error(where, key, f"{values[key]} is inside the watched folder")
+            target = values[key]
+            # Moved files must leave the watched tree, or they would be found again.
+            if target is not None and (
+                target == root or (root in target.parents and values.get("recursive", True))
+            ):
+                raise self._error(where, key, f"{target} is inside the watched folder")
         for key in ("include", "exclude"):
             if key in values:
                 values[key] = tuple(values[key])
@@ -485,6 +488,8 @@ class _Loader:
                 if current == where and key_re and key_re.match(line):
                     return number
                 continue
+            if key and current[: len(where) + 1] == (*where, key):
+                return number  # the key names a table: its header is the place
             if current == where:
                 header_line = number
         return header_line

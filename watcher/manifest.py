@@ -17,6 +17,7 @@ import fcntl
 import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,8 @@ class Manifest:
                 path.parent.mkdir(parents=True, exist_ok=True)
             elif not path.exists():
                 raise ManifestError(f"{path}: no manifest yet (has the daemon run?)")
-            uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+            # Quoted: a '#', '?' or '%' in the path is part of the name, not URI syntax.
+            uri = f"file:{urllib.parse.quote(str(path))}" + ("?mode=ro" if readonly else "")
             self._db = sqlite3.connect(
                 uri, uri=True, timeout=10.0, isolation_level=None, check_same_thread=False
             )
@@ -198,7 +200,7 @@ class Manifest:
         row = self._db.execute(
             "SELECT state, size, mtime_ns FROM files WHERE path = ?", (_key(path),)
         ).fetchone()
-        return tuple(row) if row else None  # type: ignore[return-value]
+        return (row[0], row[1], row[2]) if row else None
 
     def rows(self, state: str | None = None) -> Iterator[Record]:
         sql = f"SELECT {_COLUMNS} FROM files"
