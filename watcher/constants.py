@@ -25,6 +25,13 @@ FILE_ID_SAFETY_MARGIN_S = 15 * 60.0
 # (`smooth-watcher retry` while the daemon runs).
 IDLE_POLL_S = 2.0
 
+# How often the daemon checks that each watch root is still the folder it watches: a root
+# deleted and re-created, or a network share that went away and came back, is watched again.
+ROOT_CHECK_S = 2.0
+
+# How often systemd hears STATUS= (and WATCHDOG=1, at least twice per WatchdogSec).
+HEARTBEAT_S = 10.0
+
 # Files handed from the scanner to settling per event-loop turn: keeps the loop responsive
 # during a scan of 100,000 files.
 SCAN_BATCH = 500

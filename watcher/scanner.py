@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import stat
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import structlog
 from watchdog.events import (
@@ -31,7 +35,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from watcher.config import WatchConfig
@@ -51,6 +55,8 @@ EVENT_TYPES: list[type[FileSystemEvent]] = [
 ]
 
 Signature = tuple[int, int, int, int] | None
+
+POLL_INTERVAL_S = 1.0  # polling observer: how often each folder is listed
 
 
 def signature(inspection: Inspection) -> Signature:
@@ -142,37 +148,122 @@ class EventBridge(FileSystemEventHandler):
 
 
 class Observers:
-    """One inotify observer for all ordinary roots, one polling observer for ``poll = true``."""
+    """One inotify observer for ordinary roots, one polling observer for ``poll = true`` roots
+    and for roots that hit the inotify watch limit.
 
-    def __init__(self) -> None:
+    Each root's identity (device, inode) is remembered: ``check_roots`` notices a root that was
+    deleted, replaced or re-created, and watches it again.
+    """
+
+    def __init__(self, on_lost_events: Callable[[], None] | None = None) -> None:
         self._native: BaseObserver | None = None
         self._polling: BaseObserver | None = None
+        self._scheduled: dict[WatchConfig, tuple[ObservedWatch | None, tuple[int, int] | None]]
+        self._scheduled = {}
+        self._handlers: dict[WatchConfig, EventBridge] = {}
+        self._overflow = _OverflowHook(on_lost_events) if on_lost_events else None
+
+    def _observer(self, polling: bool) -> BaseObserver:
+        if polling:
+            if self._polling is None:
+                self._polling = PollingObserver(timeout=POLL_INTERVAL_S)
+                self._polling.start()
+            return self._polling
+        if self._native is None:
+            self._native = Observer()
+            self._native.start()  # started first: schedule() then raises watch-limit errors here
+        return self._native
 
     def schedule(self, handler: EventBridge, watch: WatchConfig) -> None:
-        if watch.poll:
-            if self._polling is None:
-                self._polling = PollingObserver(timeout=1.0)
-                self._polling.start()
-            observer = self._polling
-        else:
-            if self._native is None:
-                self._native = Observer()
-                self._native.start()
-            observer = self._native
-        observer.schedule(
-            handler, str(watch.path), recursive=watch.recursive, event_filter=EVENT_TYPES
-        )
+        self._handlers[watch] = handler
+        identity = _identity(watch.path)
+        if identity is None:
+            log.warning("watch root is missing; waiting for it to come back", path=str(watch.path))
+            self._scheduled[watch] = (None, None)
+            return
+        kwargs: dict[str, Any] = {"recursive": watch.recursive, "event_filter": EVENT_TYPES}
+        try:
+            observed = self._observer(watch.poll).schedule(handler, str(watch.path), **kwargs)
+        except OSError as exc:
+            if watch.poll or exc.errno not in (errno.ENOSPC, errno.EMFILE):
+                raise
+            # fs.inotify.max_user_watches (or instances) is exhausted: polling is slower but
+            # sees everything. Raising the sysctl restores inotify at the next start.
+            log.warning(
+                "inotify limit reached; polling this folder instead",
+                path=str(watch.path),
+                reason=exc.strerror,
+                hint="raise fs.inotify.max_user_watches",
+            )
+            observed = self._observer(True).schedule(handler, str(watch.path), **kwargs)
+        self._scheduled[watch] = (observed, identity)
+
+    def check_roots(self) -> list[WatchConfig]:
+        """Watch again every root that disappeared or was replaced; return those re-watched."""
+        rewatched = []
+        for watch, (observed, identity) in list(self._scheduled.items()):
+            now = _identity(watch.path)
+            if now == identity:
+                continue
+            if observed is not None:
+                for observer in (self._native, self._polling):
+                    with contextlib.suppress(KeyError, ValueError):
+                        if observer is not None:
+                            observer.unschedule(observed)
+            if now is None:
+                if identity is not None:
+                    log.warning("watch root disappeared", path=str(watch.path))
+                self._scheduled[watch] = (None, None)
+                continue
+            log.info("watch root is back; watching it again", path=str(watch.path))
+            self.schedule(self._handlers[watch], watch)
+            rewatched.append(watch)
+        return rewatched
 
     def healthy(self) -> bool:
         return all(o.is_alive() for o in (self._native, self._polling) if o is not None)
 
     def stop(self) -> None:
+        if self._overflow:
+            self._overflow.remove()
         observers = [o for o in (self._native, self._polling) if o is not None]
         for observer in observers:
             observer.stop()
         for observer in observers:
             observer.join(timeout=5.0)
         self._native = self._polling = None
+        self._scheduled.clear()
+
+
+class _OverflowHook(logging.Handler):
+    """Turns watchdog's "Inotify queue overflowed" log record into a rescan.
+
+    watchdog rebuilds its watches after an IN_Q_OVERFLOW but tells its handlers nothing; the
+    warning it logs is the only signal. It is emitted on watchdog's thread, so ``on_lost``
+    must be thread-safe (the daemon passes a ``call_soon_threadsafe`` wrapper).
+    """
+
+    LOGGER = "watchdog.observers.inotify_c"
+
+    def __init__(self, on_lost: Callable[[], None]) -> None:
+        super().__init__(logging.WARNING)
+        self._on_lost = on_lost
+        logging.getLogger(self.LOGGER).addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self._on_lost()
+
+    def remove(self) -> None:
+        logging.getLogger(self.LOGGER).removeHandler(self)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def event_paths(watch: WatchConfig, event: FileSystemEvent) -> tuple[str, bool] | None:
