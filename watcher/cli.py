@@ -109,8 +109,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
 async def _serve(cfg: config.Config, args: argparse.Namespace, *, once: bool) -> int:
     """Run the daemon; SIGTERM/SIGINT stop it, SIGHUP restarts it on the re-read config."""
     from watcher.daemon import Daemon
+    from watcher.systemd import Notifier
 
     loop = asyncio.get_running_loop()
+    notifier = Notifier.from_env()
     while True:
         key = config.resolve_api_key(cfg, warn=lambda m: log.warning(m))
         logs.redact(key)
@@ -119,6 +121,7 @@ async def _serve(cfg: config.Config, args: argparse.Namespace, *, once: bool) ->
             key,
             once=once,
             paths=getattr(args, "paths", ()) or (),
+            notifier=notifier,
             **({"grace_s": args.grace_s} if getattr(args, "grace_s", None) else {}),
         )
         reloaded: list[config.Config] = []
@@ -136,6 +139,7 @@ async def _serve(cfg: config.Config, args: argparse.Namespace, *, once: bool) ->
                 log.error("config reload refused; keeping the running config", reason=str(exc))
                 return
             log.info("config reloaded; restarting the watchers")
+            notifier.reloading()
             reloaded.append(new)
             daemon.stop()
 
@@ -158,6 +162,7 @@ async def _serve(cfg: config.Config, args: argparse.Namespace, *, once: bool) ->
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         if not reloaded:
+            notifier.close()
             return status
         cfg = reloaded[-1]
 

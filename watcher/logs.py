@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -21,7 +22,7 @@ def redact(secret: str) -> None:
         _secrets.add(secret)
 
 
-def _scrub(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _scrub(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     if _secrets:
         for key, value in event.items():
             if isinstance(value, str) and any(s in value for s in _secrets):

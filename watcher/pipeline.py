@@ -15,7 +15,6 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,35 +33,12 @@ from watcher.errors import (
 )
 from watcher.filters import Inspection, Kind, PathFilter, inspect, relpath
 from watcher.manifest import Manifest, Record
+from watcher.metrics import UPLOAD_OUTCOMES, Metrics
 from watcher.scanner import Settler, event_paths, walk
 from watcher.tasks import TaskRunner
 from watcher.uploader import ApiClient, UploadJob, open_regular
 
 log = structlog.get_logger("watcher.pipeline")
-
-
-@dataclass
-class Counters:
-    uploaded: int = 0
-    failed: int = 0
-    skipped: int = 0
-    retried: int = 0
-    resent: int = 0  # changed while being sent: settles and goes again
-    vanished: int = 0
-    bytes_sent: int = 0
-    in_flight: int = 0
-    by_outcome: dict[str, int] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, int]:
-        return {
-            "uploaded": self.uploaded,
-            "failed": self.failed,
-            "skipped": self.skipped,
-            "retried": self.retried,
-            "resent": self.resent,
-            "vanished": self.vanished,
-            "bytes_sent": self.bytes_sent,
-        }
 
 
 class Pipeline:
@@ -76,13 +52,17 @@ class Pipeline:
         self.manifest = manifest
         self.client = client
         client.on_retry = self._on_retry
-        self.tasks = TaskRunner(config, manifest, client)
-        self.counters = Counters()
+        self.metrics = Metrics()
+        self.in_flight = 0
+        self.tasks = TaskRunner(config, manifest, client, self.metrics)
         self.settler = Settler(self._on_settled)
         self.filters = {w: PathFilter(w.include, w.exclude) for w in config.watches}
         self.auth_error: AuthError | None = None
         self.changed = asyncio.Event()  # something moved on: `sync` re-checks whether it is done
         self.on_auth_error: Callable[[AuthError], None] = lambda exc: None
+        # A step that must not fail did (the manifest cannot be written, or a bug): the
+        # daemon stops rather than carry on losing track of files.
+        self.on_fatal: Callable[[BaseException], None] = lambda exc: None
         self._work = asyncio.Event()
         self._accepting = True
         self._background: set[asyncio.Task[Any]] = set()
@@ -138,7 +118,7 @@ class Pipeline:
             return
         st = inspection.st
         if inspection.kind is Kind.SKIP:
-            self.counters.skipped += 1
+            self._outcome("skipped")
             log.info("skipped", path=path, reason=inspection.reason)
             self.manifest.mark_skipped(
                 path,
@@ -183,14 +163,14 @@ class Pipeline:
                     await asyncio.wait_for(self._work.wait(), IDLE_POLL_S)
                 continue
             record = claimed[0]
-            self.counters.in_flight += 1
+            self.in_flight += 1
             try:
                 await self._process(record)
             except asyncio.CancelledError:
                 self.manifest.release(record.path)
                 raise
             finally:
-                self.counters.in_flight -= 1
+                self.in_flight -= 1
                 self.changed.set()
 
     def stop_accepting(self) -> None:
@@ -208,12 +188,12 @@ class Pipeline:
             return
         inspection = inspect(watch, path)
         if inspection.kind in (Kind.GONE, Kind.DIRECTORY):
-            self.counters.vanished += 1
+            self._outcome("vanished")
             log.info("vanished before upload", path=path)
             self.manifest.forget(path)
             return
         if inspection.kind is Kind.SKIP:
-            self.counters.skipped += 1
+            self._outcome("skipped")
             self.manifest.mark_skipped(path, watch.path, inspection.reason)
             return
         job = UploadJob(
@@ -222,6 +202,7 @@ class Pipeline:
             follow=watch.follow_symlinks,
             purpose=watch.purpose,
             max_size=watch.max_file_size,
+            root=str(watch.path),
         )
         started = time.monotonic()
         try:
@@ -231,7 +212,7 @@ class Pipeline:
             self.auth_failed(exc)
             return
         except FileChangedError as exc:
-            self.counters.resent += 1
+            self._outcome("resent")
             log.info(
                 "changed while sending, will settle and send again", path=path, reason=exc.reason
             )
@@ -249,8 +230,8 @@ class Pipeline:
             mtime_ns=sent.mtime_ns,
             attempts=attempts,
         )
-        self.counters.uploaded += 1
-        self.counters.bytes_sent += sent.size
+        self._outcome("uploaded", sent.size)
+        self.metrics.observe_upload(time.monotonic() - started)
         log.info(
             "uploaded",
             path=path,
@@ -292,12 +273,12 @@ class Pipeline:
         )
         attempts = self.config.api.max_attempts if transient else record.attempts + 1
         self.manifest.mark_failed(record.path, reason, attempts=attempts)
-        self.counters.failed += 1
+        self._outcome("failed", record.size or 0)
         log.warning("failed", path=record.path, reason=reason, attempt=attempts)
         actions.after_failure(watch, record.path, self.manifest)
 
     def _on_retry(self, kind: str, subject: str, attempt: int, reason: str, wait_s: float) -> None:
-        self.counters.retried += 1
+        self.metrics.inc("retries_total")
         log.info(
             "retrying",
             call=kind,
@@ -311,6 +292,33 @@ class Pipeline:
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
+    def _outcome(self, outcome: str, size: int = 0) -> None:
+        self.metrics.inc("uploads_total", outcome=outcome)
+        if size:
+            self.metrics.inc("upload_bytes_total", size, outcome=outcome)
+
+    def collect_gauges(self) -> None:
+        """Refresh gauges from the manifest; runs before each /metrics scrape."""
+        counts = self.manifest.counts()
+        for state, n in counts.items():
+            self.metrics.set_gauge("files", n, state=state)
+        self.metrics.set_gauge("queue_depth", len(self.settler) + counts["pending"])
+        self.metrics.set_gauge("in_flight", self.in_flight)
+
+    def status_line(self) -> str:
+        counts = self.manifest.counts()
+        return (
+            f"uploaded {counts['uploaded']}, pending {counts['pending'] + len(self.settler)}, "
+            f"in flight {self.in_flight}, failed {counts['failed']}"
+        )
+
+    def summary(self) -> dict[str, int]:
+        """Counts since start, for the closing log line and `sync`'s exit status."""
+        counts = {o: int(self.metrics.get("uploads_total", outcome=o)) for o in UPLOAD_OUTCOMES}
+        counts["retried"] = int(self.metrics.get("retries_total"))
+        counts["bytes_sent"] = int(self.metrics.get("upload_bytes_total", outcome="uploaded"))
+        return counts
+
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
@@ -319,7 +327,7 @@ class Pipeline:
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("background step failed", error=repr(task.exception()))
+            self.on_fatal(task.exception())  # type: ignore[arg-type]
         self.changed.set()
 
     def idle(self) -> bool:
@@ -327,7 +335,7 @@ class Pipeline:
         return (
             not self._background
             and len(self.settler) == 0
-            and self.counters.in_flight == 0
+            and self.in_flight == 0
             and not self.manifest.has_pending()
             and not self.tasks.busy()
         )

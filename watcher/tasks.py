@@ -24,6 +24,7 @@ from watcher.constants import FILE_ID_LIFETIME_S, FILE_ID_SAFETY_MARGIN_S
 from watcher.errors import PermanentError, TransientError
 from watcher.filters import relpath
 from watcher.manifest import Manifest, Record
+from watcher.metrics import Metrics
 from watcher.uploader import ApiClient
 
 log = structlog.get_logger("watcher.tasks")
@@ -40,12 +41,13 @@ class TaskRunner:
         config: Config,
         manifest: Manifest,
         client: ApiClient,
+        metrics: Metrics,
         poll_first_s: float = POLL_FIRST_S,
     ) -> None:
         self.config = config
         self.manifest = manifest
         self.client = client
-        self.outcomes: dict[str, int] = {}
+        self.metrics = metrics
         self._poll_first_s = poll_first_s
         self._task_watches = [w for w in config.watches if w.task is not None]
         self._waited = [str(w.path) for w in self._task_watches if w.task and w.task.wait]
@@ -203,7 +205,7 @@ class TaskRunner:
                 log.warning("cannot delete file", file_id=record.file_id, reason=exc.reason)
 
     def _count(self, status: str) -> None:
-        self.outcomes[status] = self.outcomes.get(status, 0) + 1
+        self.metrics.inc("tasks_total", status=status)
 
 
 def _placeholders(watch: WatchConfig, record: Record) -> dict[str, Any]:
