@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -84,15 +83,27 @@ def _special(mode: int) -> str:
     return "not a regular file"
 
 
-@functools.lru_cache(maxsize=4096)
+_FOLDERS_OK: dict[tuple[str, str, bool], None] = {}  # folders known to be reached safely
+_FOLDERS_OK_MAX = 4096
+
+
 def _folder_ok(root: str, folder: str, follow: bool) -> bool:
     """Is ``folder`` reached without a link (or, when following, without leaving the root)?
 
-    Cached, as every file of a folder asks the same question; the uploader checks the opened
-    file's real path again, so a folder swapped for a link after this answer is still caught.
+    Only "yes" is remembered, as every file of a folder asks the same question: a folder
+    swapped for a link later is caught by the uploader, which checks the opened file's real
+    path; a link replaced by a real folder is seen at once, as "no" is never cached.
     """
+    key = (root, folder, follow)
+    if key in _FOLDERS_OK:
+        return True
     real = os.path.realpath(folder)
-    return inside(real, root) if follow else real == os.path.normpath(folder)
+    ok = inside(real, root) if follow else real == os.path.normpath(folder)
+    if ok:
+        if len(_FOLDERS_OK) >= _FOLDERS_OK_MAX:
+            _FOLDERS_OK.clear()
+        _FOLDERS_OK[key] = None
+    return ok
 
 
 def inspect(watch: WatchConfig, path: str) -> Inspection:

@@ -101,28 +101,34 @@ class Manifest:
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
         self._lock_fd: int | None = None
+        self._in_tx = False
+        if readonly and not path.exists():
+            raise ManifestError(f"{path}: no manifest yet (has the daemon run?)")
         try:
             if not readonly:
                 path.parent.mkdir(parents=True, exist_ok=True)
-            elif not path.exists():
-                raise ManifestError(f"{path}: no manifest yet (has the daemon run?)")
             # Quoted: a '#', '?' or '%' in the path is part of the name, not URI syntax.
             uri = f"file:{urllib.parse.quote(str(path))}" + ("?mode=ro" if readonly else "")
             self._db = sqlite3.connect(
                 uri, uri=True, timeout=10.0, isolation_level=None, check_same_thread=False
             )
-            self._db.execute("PRAGMA busy_timeout = 10000")
-            if not readonly:
-                self._db.execute("PRAGMA journal_mode = WAL")
-                self._db.execute("PRAGMA synchronous = FULL")
-                self._migrate()
-            else:
-                self._check_version()
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             raise ManifestError(f"{path}: cannot open manifest: {exc}") from None
         except OSError as exc:
             raise ManifestError(f"{path}: cannot create manifest: {exc.strerror}") from None
-        self._in_tx = False
+        try:
+            self._db.execute("PRAGMA busy_timeout = 10000")
+            if readonly:
+                self._check_version()
+            else:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA synchronous = FULL")
+                self._migrate()
+        except BaseException as exc:
+            self._db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise ManifestError(f"{path}: cannot open manifest: {exc}") from None
+            raise
 
     # -- life cycle --
 
@@ -146,6 +152,8 @@ class Manifest:
     def lock(self) -> None:
         """Take the one-daemon lock; refuse if another daemon (or sync) holds it."""
         lock_path = self.path.with_name(self.path.name + ".lock")
+        if self._lock_fd is not None:
+            return
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -400,14 +408,14 @@ class Manifest:
         with self.transaction():
             if failed:
                 changed += self._write(
-                    "UPDATE files SET state = ?, attempts = 0, queued_at = ?, updated_at = ? "
-                    "WHERE state = ?",
+                    "UPDATE files SET state = ?, attempts = 0, error = NULL, queued_at = ?, "
+                    "updated_at = ? WHERE state = ?",
                     (PENDING, now, now, FAILED),
                 ).rowcount
             for path in paths:
                 changed += self._write(
-                    "UPDATE files SET state = ?, attempts = 0, queued_at = ?, updated_at = ? "
-                    "WHERE path = ? AND state IN (?, ?)",
+                    "UPDATE files SET state = ?, attempts = 0, error = NULL, queued_at = ?, "
+                    "updated_at = ? WHERE path = ? AND state IN (?, ?)",
                     (PENDING, now, now, _key(path), FAILED, SKIPPED),
                 ).rowcount
         return changed

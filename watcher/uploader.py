@@ -207,6 +207,9 @@ class Throttle:
             self._next_slot = slot + self._interval
             if slot > now:
                 await asyncio.sleep(slot - now)
+            # A 429 that came while we waited for our slot holds us too.
+            while (delay := self._paused_until - self._clock()) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(delay)
 
 
 # --- the client ---------------------------------------------------------------------------------
@@ -371,6 +374,9 @@ def open_regular(
     """
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
     try:
+        # Look before opening: opening a device, even non-blocking, can have side effects.
+        if not stat.S_ISREG(os.stat(path, follow_symlinks=follow).st_mode):
+            raise FileChangedError("no longer a regular file")
         fd = os.open(path, flags)
     except FileNotFoundError:
         raise FileChangedError("file vanished before it was sent") from None
