@@ -27,7 +27,12 @@ TEST_KEY = "test-key-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 15.0,
+    what: str = "condition",
+    interval: float = 0.02,
+) -> Any:
     """Poll ``predicate`` until it is truthy; fail the test with ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -36,7 +41,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = 
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(interval)
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +86,10 @@ class Setup:
     config_path: Path
     key_file: Path
     api: Api
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.tmp / "state" / "manifest.sqlite3"  # as write_config puts it
 
     def load(self) -> config_mod.Config:
         return config_mod.load(self.config_path)
@@ -127,15 +136,24 @@ def toml_value(value: Any) -> str:
 
 
 def write_config(
-    tmp: Path, base_url: str, key_file: Path, watch: dict[str, Any], api_extra: str = ""
+    tmp: Path,
+    base_url: str,
+    key_file: Path,
+    watch: dict[str, Any],
+    api_extra: str = "",
+    api: dict[str, Any] | None = None,
 ) -> Path:
+    api_keys: dict[str, Any] = {
+        "base_url": base_url,
+        "api_key_file": key_file,
+        "backoff_initial_s": 0.05,
+        "backoff_max_s": 0.5,
+        "max_attempts": 4,
+        **(api or {}),
+    }
     lines = [
         "[api]",
-        f'base_url = "{base_url}"',
-        f'api_key_file = "{key_file}"',
-        "backoff_initial_s = 0.05",
-        "backoff_max_s = 0.5",
-        "max_attempts = 4",
+        *(f"{k} = {toml_value(v)}" for k, v in api_keys.items()),
         api_extra,
         "[manifest]",
         f'path = "{tmp / "state" / "manifest.sqlite3"}"',
@@ -154,8 +172,11 @@ def write_config(
 @pytest.fixture
 def make_setup(tmp_path: Path, api: Api) -> Callable[..., Setup]:
     """Factory: a drop folder and a config pointing at the fake API; watch keys as kwargs."""
+    fake = api
 
-    def make(api_extra: str = "", key: str = TEST_KEY, **watch: Any) -> Setup:
+    def make(
+        api_extra: str = "", key: str = TEST_KEY, api: dict[str, Any] | None = None, **watch: Any
+    ) -> Setup:
         drop = tmp_path / "drop"
         drop.mkdir(exist_ok=True)
         key_file = tmp_path / "api-key"
@@ -163,8 +184,8 @@ def make_setup(tmp_path: Path, api: Api) -> Callable[..., Setup]:
         key_file.chmod(0o600)
         settings: dict[str, Any] = {"path": drop, "settle_s": 0.2, "rescan_interval_s": 0}
         settings.update(watch)
-        path = write_config(tmp_path, api.base_url, key_file, settings, api_extra)
-        return Setup(tmp_path, drop, path, key_file, api)
+        path = write_config(tmp_path, fake.base_url, key_file, settings, api_extra, api)
+        return Setup(tmp_path, drop, path, key_file, fake)
 
     return make
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from conftest import TEST_KEY, Setup, wait_until
 
+from watcher.errors import ManifestError
 from watcher.manifest import Manifest, Record
 
 
@@ -18,10 +19,12 @@ def sha(data: bytes) -> str:
 
 
 def records(setup: Setup) -> dict[str, Record]:
-    cfg = setup.load()
-    if not cfg.manifest_path.exists():
+    if not setup.manifest_path.exists():
         return {}
-    m = Manifest(cfg.manifest_path, readonly=True)
+    try:
+        m = Manifest(setup.manifest_path, readonly=True)
+    except ManifestError:  # the daemon is creating it right now
+        return {}
     try:
         return {r.path: r for r in m.rows()}
     finally:

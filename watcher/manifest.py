@@ -5,9 +5,11 @@ costs disk, not RAM, and survives a crash. The daemon is the only process that c
 (an exclusive lock file sees to that); ``status``, ``export`` and ``retry`` may run beside it
 thanks to WAL mode.
 
-Durability: ``synchronous=FULL`` in WAL mode fsyncs the log at every commit, so a row said to
-be ``uploaded`` survives a power cut, not just a crash of this process. Commits are few and
-grouped (see ``transaction``), so the fsync is paid per batch, not per file.
+Durability: the connection runs WAL with ``synchronous=NORMAL`` (a commit survives a crash of
+this process, not a power cut) and switches to ``FULL`` for the commit that marks a file
+``uploaded``: that commit fsyncs the log, and with it every commit before it. Losing the others
+to a power cut is harmless: a lost ``pending`` or ``uploading`` is found again by the start
+scan, a lost ``failed`` is tried again.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ class Manifest:
                 self._check_version()
             else:
                 self._db.execute("PRAGMA journal_mode = WAL")
-                self._db.execute("PRAGMA synchronous = FULL")
+                self._db.execute("PRAGMA synchronous = NORMAL")
                 self._migrate()
         except BaseException as exc:
             self._db.close()
@@ -172,11 +174,19 @@ class Manifest:
             self._lock_fd = None
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Group writes into one commit (one fsync). Nested use joins the outer transaction."""
+    def transaction(self, *, durable: bool = False) -> Iterator[None]:
+        """Group writes into one commit; ``durable``: fsync it (one fsync for the whole group).
+
+        Nested use joins the outer transaction.
+        """
         if self._in_tx:
             yield
             return
+        with self._durable() if durable else contextlib.nullcontext(), self._transaction():
+            yield
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
         self._write("BEGIN IMMEDIATE")
         self._in_tx = True
         try:
@@ -186,7 +196,21 @@ class Manifest:
             self._db.execute("ROLLBACK")
             raise
         self._in_tx = False
-        self._write("COMMIT")
+        try:
+            self._write("COMMIT")
+        except ManifestError:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def _durable(self) -> Iterator[None]:
+        """The commit(s) inside fsync the log before they return."""
+        self._db.execute("PRAGMA synchronous = FULL")
+        try:
+            yield
+        finally:
+            self._db.execute("PRAGMA synchronous = NORMAL")
 
     def _write(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Cursor:
         try:
@@ -294,21 +318,22 @@ class Manifest:
         uploaded_at: float | None = None,
     ) -> None:
         now = time.time()
-        self._write(
-            "UPDATE files SET state = ?, file_id = ?, sha256 = ?, size = ?, mtime_ns = ?, "
-            "uploaded_at = ?, attempts = ?, error = NULL, updated_at = ? WHERE path = ?",
-            (
-                UPLOADED,
-                file_id,
-                sha256,
-                size,
-                mtime_ns,
-                uploaded_at or now,
-                attempts,
-                now,
-                _key(path),
-            ),
-        )
+        with contextlib.nullcontext() if self._in_tx else self._durable():
+            self._write(
+                "UPDATE files SET state = ?, file_id = ?, sha256 = ?, size = ?, mtime_ns = ?, "
+                "uploaded_at = ?, attempts = ?, error = NULL, updated_at = ? WHERE path = ?",
+                (
+                    UPLOADED,
+                    file_id,
+                    sha256,
+                    size,
+                    mtime_ns,
+                    uploaded_at or now,
+                    attempts,
+                    now,
+                    _key(path),
+                ),
+            )
 
     def mark_unchanged(self, path: str | Path, *, size: int, mtime_ns: int) -> None:
         """Same sha256 as the upload on record, new mtime: remember the new stat, send nothing."""

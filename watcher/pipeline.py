@@ -66,6 +66,7 @@ class Pipeline:
         self._work = asyncio.Event()
         self._accepting = True
         self._background: set[asyncio.Task[Any]] = set()
+        self._to_commit: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
 
     # -- intake ----------------------------------------------------------------------------------
 
@@ -222,13 +223,15 @@ class Pipeline:
         except (PermanentError, TransientError) as exc:
             self._fail(watch, record, exc)
             return
-        self.manifest.mark_uploaded(
-            path,
-            file_id=sent.file_id,
-            sha256=sent.sha256,
-            size=sent.size,
-            mtime_ns=sent.mtime_ns,
-            attempts=attempts,
+        await self._record_uploaded(
+            {
+                "path": path,
+                "file_id": sent.file_id,
+                "sha256": sent.sha256,
+                "size": sent.size,
+                "mtime_ns": sent.mtime_ns,
+                "attempts": attempts,
+            }
         )
         self._outcome("uploaded", sent.size)
         self.metrics.observe_upload(time.monotonic() - started)
@@ -248,6 +251,33 @@ class Pipeline:
                     await self.tasks.start_for(watch, uploaded)
                 except AuthError as exc:
                     self.auth_failed(exc)
+
+    async def _record_uploaded(self, fields: dict[str, Any]) -> None:
+        """Commit an upload durably, sharing one fsync with the uploads that ended alongside.
+
+        The first upload to end schedules a flush for the next loop turn; those that end
+        before it runs join the same transaction. Returns once the row is on disk.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._to_commit.append((fields, future))
+        if len(self._to_commit) == 1:
+            asyncio.get_running_loop().call_soon(self._commit_uploaded)
+        await future
+
+    def _commit_uploaded(self) -> None:
+        batch, self._to_commit = self._to_commit, []
+        try:
+            with self.manifest.transaction(durable=True):
+                for fields, _ in batch:
+                    self.manifest.mark_uploaded(**fields)
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for _, future in batch:
+            if not future.done():
+                future.set_result(None)
 
     def auth_failed(self, exc: AuthError) -> None:
         if self.auth_error is None:
