@@ -156,15 +156,48 @@ async def _serve(cfg: config.Config, args: argparse.Namespace, *, once: bool) ->
             loop.add_signal_handler(sig, on_stop)
         if not once:
             loop.add_signal_handler(signal.SIGHUP, reload)
+        progress = asyncio.create_task(_progress(daemon)) if once and sys.stderr.isatty() else None
         try:
             status = await daemon.run()
         finally:
+            if progress is not None:
+                progress.cancel()
+                sys.stderr.write("\n")
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         if not reloaded:
             notifier.close()
             return status
         cfg = reloaded[-1]
+
+
+async def _progress(daemon: Any) -> None:
+    """`sync` on a terminal: one line redrawn in place, "[#####-----] 120/500 …"."""
+    try:
+        while True:
+            await asyncio.sleep(0.2)
+            _draw_progress(daemon)
+    finally:
+        _draw_progress(daemon)  # the final count, not the last one before the end
+
+
+def _draw_progress(daemon: Any) -> None:
+    pipeline = daemon.pipeline
+    if pipeline is not None:
+        done = pipeline.summary()
+        finished = done["uploaded"] + done["failed"] + done["skipped"]
+        try:
+            waiting = pipeline.manifest.counts()["pending"] + len(pipeline.settler)
+        except Exception:  # the final draw, after the manifest closed: nothing is waiting
+            waiting = 0
+        total = finished + waiting + pipeline.in_flight
+        width = 30
+        filled = width * finished // total if total else width
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'-' * (width - filled)}] {finished}/{total} "
+            f"(uploaded {done['uploaded']}, failed {done['failed']}, skipped {done['skipped']})"
+        )
+        sys.stderr.flush()
 
 
 # --- reading the manifest -----------------------------------------------------------------------
@@ -187,10 +220,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts = manifest.counts()
         oldest = manifest.oldest_pending()
         errors = manifest.last_errors(5)
+        tasks = manifest.task_counts()
     finally:
         manifest.close()
     print(f"manifest: {manifest.path}")
     print("  ".join(f"{state}: {n}" for state, n in counts.items()))
+    if tasks:
+        print("tasks: " + "  ".join(f"{status}: {n}" for status, n in sorted(tasks.items())))
     if oldest is not None:
         age = time.time() - oldest.queued_at
         print(f"oldest pending: {oldest.path} (queued {age:.0f} s ago)")

@@ -247,6 +247,14 @@ class Manifest:
         counts.update(self._db.execute("SELECT state, count(*) FROM files GROUP BY state"))
         return counts
 
+    def task_counts(self) -> dict[str, int]:
+        """Files per task status (waiting, running, done, failed, error…); none: {}."""
+        rows = self._db.execute(
+            "SELECT task_status, count(*) FROM files WHERE task_status IS NOT NULL "
+            "GROUP BY task_status"
+        )
+        return dict(rows.fetchall())
+
     def oldest_pending(self) -> Record | None:
         row = self._db.execute(
             f"SELECT {_COLUMNS} FROM files WHERE state = ? ORDER BY queued_at LIMIT 1",
