@@ -162,6 +162,7 @@ async def _serve(cfg: config.Config, args: argparse.Namespace, *, once: bool) ->
         finally:
             if progress is not None:
                 progress.cancel()
+                await asyncio.gather(progress, return_exceptions=True)
                 sys.stderr.write("\n")
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
