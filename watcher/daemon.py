@@ -138,24 +138,25 @@ class Daemon:
         self._notifier.ready(pipeline.status_line())
 
     async def _main(self, pipeline: Pipeline) -> None:
-        rescans = (
-            []
-            if self.once
-            else [
+        # Companions of the main loop, cancelled when it ends.
+        companions = []
+        if not self.once:
+            companions = [
                 asyncio.create_task(self._rescan_every(pipeline, w))
                 for w in self.config.watches
                 if w.rescan_interval_s > 0
             ]
-        )
+            companions.append(asyncio.create_task(self._supervise_roots(pipeline)))
+            companions.append(asyncio.create_task(self._heartbeat(pipeline)))
         try:
             if self.once:
                 await self._until_idle(pipeline)
             else:
                 await self._stop.wait()
         finally:
-            for task in rescans:
+            for task in companions:
                 task.cancel()
-            await asyncio.gather(*rescans, return_exceptions=True)
+            await asyncio.gather(*companions, return_exceptions=True)
 
     async def _shutdown(self, pipeline: Pipeline) -> None:
         started = time.monotonic()
