@@ -264,7 +264,10 @@ def test_watch_limit_falls_back_to_polling(make_setup, run_daemon, one_inotify_w
     with capture_logs() as logs:
         daemon = run_daemon(setup.load())
         new = setup.write("d1/late.txt", b"seen by polling")
-        wait_until(lambda: uploaded(setup, [new]), timeout=20, what="file seen by polling")
+        try:
+            wait_until(lambda: uploaded(setup, [new]), timeout=20, what="file seen by polling")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; daemon events: {[e['event'] for e in logs]}") from None
     assert any("polling this folder instead" in e["event"] for e in logs)
     daemon.stop()
 

@@ -82,6 +82,7 @@ class Daemon:
                 pipeline = self.pipeline = Pipeline(self.config, manifest, client)
                 pipeline.on_auth_error = self._on_auth_error
                 pipeline.on_fatal = self._on_fatal
+                pipeline.on_root_lost = self._on_root_lost
                 await self._startup(pipeline, recovered)
                 try:
                     await self._main(pipeline)
@@ -223,6 +224,10 @@ class Daemon:
         while True:
             await asyncio.sleep(watch.rescan_interval_s)
             await self._timed_scan(pipeline, watch)
+
+    def _on_root_lost(self, watch: Any) -> None:
+        if self._observers is not None:
+            self._observers.lost(watch)
 
     def _rescan_all(self, pipeline: Pipeline, reason: str) -> None:
         if self._rescanning:

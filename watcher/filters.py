@@ -83,22 +83,23 @@ def _special(mode: int) -> str:
     return "not a regular file"
 
 
-_FOLDERS_OK: dict[tuple[str, str, bool], None] = {}  # folders known to be reached safely
+_FOLDERS_OK: dict[tuple[str, str], None] = {}  # folders known to be reached safely
 _FOLDERS_OK_MAX = 4096
 
 
-def _folder_ok(root: str, folder: str, follow: bool) -> bool:
-    """Is ``folder`` reached without a link (or, when following, without leaving the root)?
+def _folder_ok(root: str, folder: str) -> bool:
+    """Is ``folder`` inside the root and reached without any link?
 
     Only "yes" is remembered, as every file of a folder asks the same question: a folder
     swapped for a link later is caught by the uploader, which checks the opened file's real
     path; a link replaced by a real folder is seen at once, as "no" is never cached.
     """
-    key = (root, folder, follow)
+    key = (root, folder)
     if key in _FOLDERS_OK:
         return True
-    real = os.path.realpath(folder)
-    ok = inside(real, root) if follow else real == os.path.normpath(folder)
+    # Even with follow_symlinks, only links to *files* are followed: a folder reached through
+    # a link is either outside the root or already watched under its real path.
+    ok = os.path.realpath(folder) == os.path.normpath(folder) and inside(folder, root)
     if ok:
         if len(_FOLDERS_OK) >= _FOLDERS_OK_MAX:
             _FOLDERS_OK.clear()
@@ -108,9 +109,8 @@ def _folder_ok(root: str, folder: str, follow: bool) -> bool:
 
 def inspect(watch: WatchConfig, path: str) -> Inspection:
     """Classify ``path`` without opening it; symlinks never lead out of the watch root."""
-    if not _folder_ok(str(watch.path), os.path.dirname(path), watch.follow_symlinks):
-        reason = "outside the watch root" if watch.follow_symlinks else "(follow_symlinks = false)"
-        return Inspection(Kind.SKIP, reason=f"inside a symbolically linked folder {reason}")
+    if not _folder_ok(str(watch.path), os.path.dirname(path)):
+        return Inspection(Kind.SKIP, reason="reached through a symbolically linked folder")
     try:
         st = os.lstat(path)
     except FileNotFoundError:

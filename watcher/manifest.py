@@ -93,6 +93,15 @@ def _key(path: str | Path) -> bytes:
     return os.fsencode(path)
 
 
+def _explain(exc: sqlite3.Error, path: Path) -> str:
+    """SQLite says "disk I/O error" when it cannot grow its -shm file on a full disk."""
+    try:
+        full = os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        full = False
+    return f"{exc} (the disk is full)" if full and "disk is full" not in str(exc) else str(exc)
+
+
 def _cut(reason: str | None) -> str | None:
     return None if reason is None else reason[:MAX_ERROR_CHARS]
 
@@ -129,7 +138,9 @@ class Manifest:
         except BaseException as exc:
             self._db.close()
             if isinstance(exc, sqlite3.Error):
-                raise ManifestError(f"{path}: cannot open manifest: {exc}") from None
+                raise ManifestError(
+                    f"{path}: cannot open manifest: {_explain(exc, path)}"
+                ) from None
             raise
 
     # -- life cycle --
@@ -156,7 +167,10 @@ class Manifest:
         lock_path = self.path.with_name(self.path.name + ".lock")
         if self._lock_fd is not None:
             return
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ManifestError(f"{lock_path}: cannot create lock file: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from watchdog.events import FileSystemEvent
+from watchdog.events import DirDeletedEvent, DirMovedEvent, FileSystemEvent
 
 from watcher import actions
 from watcher.config import Config, WatchConfig
@@ -63,6 +63,7 @@ class Pipeline:
         # A step that must not fail did (the manifest cannot be written, or a bug): the
         # daemon stops rather than carry on losing track of files.
         self.on_fatal: Callable[[BaseException], None] = lambda exc: None
+        self.on_root_lost: Callable[[WatchConfig], None] = lambda watch: None
         self._work = asyncio.Event()
         self._accepting = True
         self._background: set[asyncio.Task[Any]] = set()
@@ -71,6 +72,11 @@ class Pipeline:
     # -- intake ----------------------------------------------------------------------------------
 
     def on_event(self, watch: WatchConfig, event: FileSystemEvent) -> None:
+        if isinstance(event, DirDeletedEvent | DirMovedEvent) and os.fsdecode(
+            event.src_path
+        ) == str(watch.path):
+            self.on_root_lost(watch)  # the supervisor watches it again once it is back
+            return
         found = event_paths(watch, event)
         if found is None:
             return
@@ -113,7 +119,8 @@ class Pipeline:
 
     def _on_settled(self, watch: WatchConfig, path: str, inspection: Inspection) -> None:
         if inspection.kind is Kind.DIRECTORY:
-            self.spawn(self.scan(watch, path))
+            if inspection.real_path is None:  # a real folder; a link to one is not descended
+                self.spawn(self.scan(watch, path))
             return
         if not self._is_new(path, inspection):
             return

@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 from watchdog.events import (
     DirCreatedEvent,
+    DirDeletedEvent,
     DirMovedEvent,
     FileAttribEvent,
     FileClosedEvent,
@@ -43,8 +44,10 @@ from watcher.filters import Inspection, Kind, PathFilter, inside, inspect, relpa
 
 log = structlog.get_logger("watcher.scanner")
 
-# Only events that can mean "new content here"; deletions and opens are noise to us.
+# Only events that can mean "new content here", and folder deletions (the root itself going
+# away); file deletions and opens are noise to us.
 EVENT_TYPES: list[type[FileSystemEvent]] = [
+    DirDeletedEvent,
     FileCreatedEvent,
     FileModifiedEvent,
     FileClosedEvent,
@@ -198,6 +201,22 @@ class Observers:
             observed = self._observer(True).schedule(handler, str(watch.path), **kwargs)
         self._scheduled[watch] = (observed, identity)
 
+    def lost(self, watch: WatchConfig) -> None:
+        """The root was deleted or moved away (its inode may well come back with a new mkdir,
+        so identity alone cannot tell): forget the old watch; check_roots re-watches."""
+        observed, _ = self._scheduled.get(watch, (None, None))
+        self._unschedule(observed)
+        self._scheduled[watch] = (None, None)
+        log.warning("watch root disappeared", path=str(watch.path))
+
+    def _unschedule(self, observed: ObservedWatch | None) -> None:
+        if observed is None:
+            return
+        for observer in (self._native, self._polling):
+            if observer is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    observer.unschedule(observed)
+
     def check_roots(self) -> list[WatchConfig]:
         """Watch again every root that disappeared or was replaced; return those re-watched."""
         rewatched = []
@@ -205,11 +224,7 @@ class Observers:
             now = _identity(watch.path)
             if now == identity:
                 continue
-            if observed is not None:
-                for observer in (self._native, self._polling):
-                    with contextlib.suppress(KeyError, ValueError):
-                        if observer is not None:
-                            observer.unschedule(observed)
+            self._unschedule(observed)
             if now is None:
                 if identity is not None:
                     log.warning("watch root disappeared", path=str(watch.path))
@@ -281,8 +296,7 @@ def walk(watch: WatchConfig, path_filter: PathFilter, top: str | None = None) ->
     """Every candidate path below ``top`` (default: the root), excluded folders pruned.
 
     Yields files and anything else that is not a directory (links, FIFOs…) for the caller to
-    classify; never opens a file. Followed directory links stay inside the root and are
-    visited once, so link loops end.
+    classify; never opens a file. Directory links are not descended, so link loops end.
     """
     root = str(watch.path)
     top = top or root
@@ -306,16 +320,11 @@ def walk(watch: WatchConfig, path_filter: PathFilter, top: str | None = None) ->
                 is_link = entry.is_symlink()
             except OSError:
                 continue
-            if is_dir or (is_link and watch.follow_symlinks and _is_dir_inside(entry.path, root)):
+            if is_dir and not is_link:
                 if watch.recursive and path_filter.wants_dir(rel):
                     stack.append(entry.path)
             elif path_filter.wants_file(rel):
+                # Links to folders are yielded too, and classified (and skipped) by the caller:
+                # they are never descended. Inside the root, what they lead to is already
+                # watched under its real path; outside, it must not be reached at all.
                 yield entry.path
-
-
-def _is_dir_inside(path: str, root: str) -> bool:
-    real = os.path.realpath(path)
-    try:
-        return inside(real, root) and stat.S_ISDIR(os.stat(real).st_mode)
-    except OSError:
-        return False
