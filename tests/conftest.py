@@ -22,6 +22,8 @@ os.environ.setdefault("SMOOTH_TELEMETRY", "off")  # the SDK decides at import ti
 from watcher import config as config_mod
 from watcher import fakeapi
 from watcher.daemon import Daemon
+from watcher.errors import ManifestError
+from watcher.manifest import Manifest, Record
 
 TEST_KEY = "test-key-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +44,31 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def records(setup: Setup) -> dict[str, Record]:
+    if not setup.manifest_path.exists():
+        return {}
+    try:
+        m = Manifest(setup.manifest_path, readonly=True)
+    except ManifestError:  # the daemon is creating it right now
+        return {}
+    try:
+        return {r.path: r for r in m.rows()}
+    finally:
+        m.close()
+
+
+def in_state(setup: Setup, state: str, paths: list[Path]) -> dict[str, Record] | None:
+    """All rows, once every one of ``paths`` is in ``state``; else None (for wait_until)."""
+    rows = records(setup)
+    if all(rows.get(str(p)) and rows[str(p)].state == state for p in paths):
+        return rows
+    return None
+
+
+def uploaded(setup: Setup, paths: list[Path]) -> dict[str, Record] | None:
+    return in_state(setup, "uploaded", paths)
 
 
 @pytest.fixture(autouse=True)

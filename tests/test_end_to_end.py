@@ -8,34 +8,13 @@ import os
 import time
 from pathlib import Path
 
-from conftest import TEST_KEY, Setup, wait_until
+from conftest import TEST_KEY, Setup, records, uploaded, wait_until
 
-from watcher.errors import ManifestError
-from watcher.manifest import Manifest, Record
+from watcher.manifest import Record
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def records(setup: Setup) -> dict[str, Record]:
-    if not setup.manifest_path.exists():
-        return {}
-    try:
-        m = Manifest(setup.manifest_path, readonly=True)
-    except ManifestError:  # the daemon is creating it right now
-        return {}
-    try:
-        return {r.path: r for r in m.rows()}
-    finally:
-        m.close()
-
-
-def uploaded(setup: Setup, paths: list[Path]) -> dict[str, Record] | None:
-    rows = records(setup)
-    if all(rows.get(str(p)) and rows[str(p)].state == "uploaded" for p in paths):
-        return rows
-    return None
 
 
 def assert_stored(setup: Setup, files: dict[Path, bytes], rows: dict[str, Record]) -> None:

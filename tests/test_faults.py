@@ -15,9 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Setup, toml_value, wait_until
+from conftest import ROOT, Setup, records, toml_value, uploaded, wait_until
 from structlog.testing import capture_logs
-from test_end_to_end import records, uploaded
 
 
 def sha(data: bytes) -> str:
@@ -238,7 +237,12 @@ def test_inotify_overflow_leads_to_a_rescan(make_setup, run_daemon, tiny_inotify
     with capture_logs() as logs:
         daemon = run_daemon(setup.load())
         files = [setup.write(f"burst/{i:04}.txt", b"o") for i in range(1500)]
-        wait_until(lambda: uploaded(setup, files), timeout=60, what="every file after overflow")
+        wait_until(
+            lambda: uploaded(setup, files),
+            timeout=90,
+            what="every file after overflow",
+            interval=0.5,  # reading 1,500 rows often would steal the daemon thread's GIL
+        )
     assert any("events were lost" in e["event"] for e in logs)
     daemon.stop()
 

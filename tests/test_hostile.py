@@ -24,37 +24,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TEST_KEY, Api, Setup, wait_until, write_config
-
-from watcher.manifest import Manifest, Record
+from conftest import (
+    ROOT,
+    TEST_KEY,
+    Api,
+    Setup,
+    in_state,
+    records,
+    uploaded,
+    wait_until,
+    write_config,
+)
 
 TEST_USER = "smoothtest"
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def records(setup: Setup) -> dict[str, Record]:
-    path = setup.load().manifest_path
-    if not path.exists():
-        return {}
-    m = Manifest(path, readonly=True)
-    try:
-        return {r.path: r for r in m.rows()}
-    finally:
-        m.close()
-
-
-def in_state(setup: Setup, state: str, paths: list[Path]) -> dict[str, Record] | None:
-    rows = records(setup)
-    if all(rows.get(str(p)) and rows[str(p)].state == state for p in paths):
-        return rows
-    return None
-
-
-def uploaded(setup: Setup, paths: list[Path]) -> dict[str, Record] | None:
-    return in_state(setup, "uploaded", paths)
 
 
 def stored_names(api: Api) -> list[str]:

@@ -17,29 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import TEST_KEY, Setup, wait_until
-
-from watcher.manifest import Manifest, Record
+from conftest import TEST_KEY, Setup, records, uploaded, wait_until
 
 OTHER_KEY = "rejected-key-Zx81q0w9e7r6t5y4"
-
-
-def records(setup: Setup) -> dict[str, Record]:
-    path = setup.load().manifest_path
-    if not path.exists():
-        return {}
-    m = Manifest(path, readonly=True)
-    try:
-        return {r.path: r for r in m.rows()}
-    finally:
-        m.close()
-
-
-def uploaded(setup: Setup, paths: list[Path]) -> dict[str, Record] | None:
-    rows = records(setup)
-    if all(rows.get(str(p)) and rows[str(p)].state == "uploaded" for p in paths):
-        return rows
-    return None
 
 
 def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:

@@ -6,8 +6,7 @@ import socket
 import urllib.request
 from pathlib import Path
 
-from conftest import Setup, wait_until
-from test_end_to_end import uploaded
+from conftest import Setup, uploaded, wait_until
 from test_faults import daemon_process
 
 

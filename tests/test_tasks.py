@@ -6,8 +6,7 @@ import json
 import sqlite3
 import time
 
-from conftest import Setup, wait_until
-from test_end_to_end import records
+from conftest import Setup, records, wait_until
 
 TASK = {"task": "Summarise {name} ({size} bytes, {relpath}) id={file_id}", "max_steps": 8}
 
