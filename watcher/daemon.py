@@ -62,6 +62,7 @@ class Daemon:
         self._settler_task: asyncio.Task[None] | None = None
         self._task_follower: asyncio.Task[None] | None = None
         self._rescanning = False
+        self._rescan_wanted = False
         self._fatal: BaseException | None = None
 
     def stop(self) -> None:
@@ -174,6 +175,7 @@ class Daemon:
         for task in cut:
             task.cancel()  # the worker puts its row back to pending
         await asyncio.gather(*self._workers, return_exceptions=True)
+        pipeline.settle_accounts()
         await pipeline.cancel_background()
         for helper in (self._settler_task, self._task_follower):
             if helper is not None:
@@ -230,15 +232,20 @@ class Daemon:
             self._observers.lost(watch)
 
     def _rescan_all(self, pipeline: Pipeline, reason: str) -> None:
+        # One rescan at a time, but events lost *during* a rescan (in a folder it had already
+        # passed) are only found by another one: remember to go again.
+        self._rescan_wanted = True
         if self._rescanning:
-            return  # one rescan at a time: a storm of overflows is one rescan
+            return
         log.warning("events were lost; rescanning every watched folder", reason=reason)
         self._rescanning = True
 
         async def rescan() -> None:
             try:
-                for watch in self.config.watches:
-                    await self._timed_scan(pipeline, watch)
+                while self._rescan_wanted:
+                    self._rescan_wanted = False
+                    for watch in self.config.watches:
+                        await self._timed_scan(pipeline, watch)
             finally:
                 self._rescanning = False
 

@@ -10,11 +10,13 @@ again), vanished (forgotten), or auth (everything stops, the file stays pending)
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import os
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,14 @@ from watchdog.events import DirDeletedEvent, DirMovedEvent, FileSystemEvent
 
 from watcher import actions
 from watcher.config import Config, WatchConfig
-from watcher.constants import IDLE_POLL_S, PENDING, SCAN_BATCH, UPLOADING
+from watcher.constants import (
+    COMMIT_BATCH_MAX,
+    COMMIT_WINDOW_S,
+    IDLE_POLL_S,
+    PENDING,
+    SCAN_BATCH,
+    UPLOADING,
+)
 from watcher.errors import (
     AuthError,
     FileChangedError,
@@ -36,9 +45,19 @@ from watcher.manifest import Manifest, Record
 from watcher.metrics import UPLOAD_OUTCOMES, Metrics
 from watcher.scanner import Settler, event_paths, walk
 from watcher.tasks import TaskRunner
-from watcher.uploader import ApiClient, UploadJob, open_regular
+from watcher.uploader import ApiClient, Sent, UploadJob, open_regular
 
 log = structlog.get_logger("watcher.pipeline")
+
+
+@dataclass(frozen=True, slots=True)
+class Uploaded:
+    """An upload the API confirmed, waiting for its durable commit."""
+
+    path: str
+    sent: Sent
+    attempts: int
+    duration_s: float
 
 
 class Pipeline:
@@ -67,7 +86,10 @@ class Pipeline:
         self._work = asyncio.Event()
         self._accepting = True
         self._background: set[asyncio.Task[Any]] = set()
-        self._to_commit: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._claimed: collections.deque[Record] = collections.deque()
+        self._to_commit: list[tuple[Uploaded, WatchConfig]] = []
+        self._commit_timer: asyncio.TimerHandle | None = None
+        self._task_starts = asyncio.Semaphore(config.api.concurrency)
 
     # -- intake ----------------------------------------------------------------------------------
 
@@ -164,13 +186,15 @@ class Pipeline:
 
     async def worker(self) -> None:
         while self._accepting and self.auth_error is None:
-            claimed = self.manifest.claim(1)
-            if not claimed:
+            if not self._claimed:
+                # One claim transaction feeds every worker, not one per file.
+                self._claimed.extend(self.manifest.claim(self.config.api.concurrency))
+            if not self._claimed:
                 self._work.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._work.wait(), IDLE_POLL_S)
                 continue
-            record = claimed[0]
+            record = self._claimed.popleft()
             self.in_flight += 1
             try:
                 await self._process(record)
@@ -184,6 +208,12 @@ class Pipeline:
     def stop_accepting(self) -> None:
         self._accepting = False
         self._work.set()  # wake idle workers so they can leave
+
+    def settle_accounts(self) -> None:
+        """At shutdown, once the workers are gone: commit what was sent, release the rest."""
+        self._commit_uploaded()
+        while self._claimed:
+            self.manifest.release(self._claimed.popleft().path)
 
     def wake(self) -> None:
         self._work.set()
@@ -230,61 +260,63 @@ class Pipeline:
         except (PermanentError, TransientError) as exc:
             self._fail(watch, record, exc)
             return
-        await self._record_uploaded(
-            {
-                "path": path,
-                "file_id": sent.file_id,
-                "sha256": sent.sha256,
-                "size": sent.size,
-                "mtime_ns": sent.mtime_ns,
-                "attempts": attempts,
-            }
-        )
-        self._outcome("uploaded", sent.size)
-        self.metrics.observe_upload(time.monotonic() - started)
-        log.info(
-            "uploaded",
-            path=path,
-            file_id=sent.file_id,
-            size=sent.size,
-            attempt=attempts,
-            duration_s=round(time.monotonic() - started, 3),
-        )
-        actions.after_upload(watch, path, self.manifest)
-        if watch.task is not None:
+        self._to_commit.append((Uploaded(path, sent, attempts, time.monotonic() - started), watch))
+        if len(self._to_commit) >= COMMIT_BATCH_MAX:
+            self._commit_uploaded()
+        elif self._commit_timer is None:
+            loop = asyncio.get_running_loop()
+            self._commit_timer = loop.call_later(COMMIT_WINDOW_S, self._commit_uploaded)
+
+    def _commit_uploaded(self) -> None:
+        """Commit the uploads of the last few milliseconds durably, with one fsync.
+
+        Until then their rows stay ``uploading``: a crash sends them again, it never loses
+        them. Moving, deleting and tasks wait for the commit.
+        """
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
+        batch, self._to_commit = self._to_commit, []
+        if not batch:
+            return
+        try:
+            with self.manifest.transaction(durable=True):
+                for done, _ in batch:
+                    self.manifest.mark_uploaded(
+                        done.path,
+                        file_id=done.sent.file_id,
+                        sha256=done.sent.sha256,
+                        size=done.sent.size,
+                        mtime_ns=done.sent.mtime_ns,
+                        attempts=done.attempts,
+                    )
+        except Exception as exc:
+            self.on_fatal(exc)
+            return
+        for done, watch in batch:
+            self._outcome("uploaded", done.sent.size)
+            self.metrics.observe_upload(done.duration_s)
+            log.info(
+                "uploaded",
+                path=done.path,
+                file_id=done.sent.file_id,
+                size=done.sent.size,
+                attempt=done.attempts,
+                duration_s=round(done.duration_s, 3),
+            )
+            actions.after_upload(watch, done.path, self.manifest)
+            if watch.task is not None:
+                self.spawn(self._start_task(watch, done.path))
+        self.changed.set()
+
+    async def _start_task(self, watch: WatchConfig, path: str) -> None:
+        async with self._task_starts:
             uploaded = self.manifest.get(path)
             if uploaded is not None:
                 try:
                     await self.tasks.start_for(watch, uploaded)
                 except AuthError as exc:
                     self.auth_failed(exc)
-
-    async def _record_uploaded(self, fields: dict[str, Any]) -> None:
-        """Commit an upload durably, sharing one fsync with the uploads that ended alongside.
-
-        The first upload to end schedules a flush for the next loop turn; those that end
-        before it runs join the same transaction. Returns once the row is on disk.
-        """
-        future = asyncio.get_running_loop().create_future()
-        self._to_commit.append((fields, future))
-        if len(self._to_commit) == 1:
-            asyncio.get_running_loop().call_soon(self._commit_uploaded)
-        await future
-
-    def _commit_uploaded(self) -> None:
-        batch, self._to_commit = self._to_commit, []
-        try:
-            with self.manifest.transaction(durable=True):
-                for fields, _ in batch:
-                    self.manifest.mark_uploaded(**fields)
-        except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for _, future in batch:
-            if not future.done():
-                future.set_result(None)
 
     def auth_failed(self, exc: AuthError) -> None:
         if self.auth_error is None:
@@ -373,6 +405,7 @@ class Pipeline:
             not self._background
             and len(self.settler) == 0
             and self.in_flight == 0
+            and not self._to_commit
             and not self.manifest.has_pending()
             and not self.tasks.busy()
         )
