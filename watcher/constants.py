@@ -35,7 +35,7 @@ HEARTBEAT_S = 10.0
 # Uploads confirmed by the API are committed together: at most this long after the first of a
 # batch, or at once when this many wait. One fsync per batch instead of one per file is what
 # lets small files go as fast as the wire allows.
-COMMIT_WINDOW_S = 0.01
+COMMIT_WINDOW_S = 0.05
 COMMIT_BATCH_MAX = 256
 
 # Files handed from the scanner to settling per event-loop turn: keeps the loop responsive

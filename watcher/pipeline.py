@@ -268,7 +268,7 @@ class Pipeline:
             self._commit_timer = loop.call_later(COMMIT_WINDOW_S, self._commit_uploaded)
 
     def _commit_uploaded(self) -> None:
-        """Commit the uploads of the last few milliseconds durably, with one fsync.
+        """Commit the uploads of the last few dozen milliseconds durably, with one fsync.
 
         Until then their rows stay ``uploading``: a crash sends them again, it never loses
         them. Moving, deleting and tasks wait for the commit.
