@@ -41,7 +41,8 @@ EXPORT_FIELDS = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(full="fake-api" in argv).parse_args(argv)
     try:
         return int(args.func(args))
     except WatcherError as exc:
@@ -51,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(full: bool = True) -> argparse.ArgumentParser:
+    """``full``: also define fake-api's options, which imports aiohttp's server side; the
+    daemon's commands start faster without it."""
     parser = argparse.ArgumentParser(
         prog="smooth-watcher",
         description="Watch drop folders and upload every new or changed file to the Smooth API.",
@@ -77,10 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", metavar="PATH")
     p.add_argument("--failed", action="store_true", help="every failed file")
     command("check", cmd_check, "validate the config and the watch folders")
-    from watcher import fakeapi
-
     p = command("fake-api", cmd_fake_api, "a local Smooth-compatible API, for trying and tests")
-    fakeapi.add_arguments(p)
+    if full:
+        from watcher import fakeapi
+
+        fakeapi.add_arguments(p)
     command("demo", cmd_demo, "try it with no account: local API, ./inbox, each upload shown")
     return parser
 

@@ -27,6 +27,8 @@ class PathFilter:
     def __init__(self, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> None:
         self.include = include
         self.exclude = exclude
+        self._exclude_names = tuple(p for p in exclude if "/" not in p)
+        self._exclude_paths = tuple(p for p in exclude if "/" in p)
 
     def __repr__(self) -> str:
         return f"PathFilter(include={list(self.include)!r}, exclude={list(self.exclude)!r})"
@@ -48,6 +50,17 @@ class PathFilter:
         if not self.include:
             return True
         return any(fnmatchcase(rel if "/" in p else parts[-1], p) for p in self.include)
+
+    def wants_entry(self, rel: str, name: str) -> bool:
+        """``wants_file`` for a file found by a walk, whose folders already passed wants_dir:
+        only its own name (and the whole path, for patterns with "/") is left to check."""
+        if any(fnmatchcase(name, p) for p in self._exclude_names):
+            return False
+        if any(fnmatchcase(rel, p) for p in self._exclude_paths):
+            return False
+        return not self.include or any(
+            fnmatchcase(rel if "/" in p else name, p) for p in self.include
+        )
 
     def wants_dir(self, rel: str) -> bool:
         """A directory is entered unless an exclude pattern rules it out."""
@@ -139,4 +152,10 @@ def inspect(watch: WatchConfig, path: str) -> Inspection:
 
 
 def relpath(watch: WatchConfig, path: str) -> str:
-    return os.path.relpath(path, watch.path).replace(os.sep, "/")
+    """``path`` relative to the watch root. Paths here are built from the root, so a slice does
+    what ``os.path.relpath`` does at a quarter of the cost (it is on the start scan's hot path).
+    """
+    root = str(watch.path)
+    if path.startswith(root + "/"):
+        return path[len(root) + 1 :]
+    return os.path.relpath(path, root).replace(os.sep, "/")

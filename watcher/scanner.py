@@ -187,6 +187,8 @@ class Observers:
         kwargs: dict[str, Any] = {"recursive": watch.recursive, "event_filter": EVENT_TYPES}
         try:
             observed = self._observer(watch.poll).schedule(handler, str(watch.path), **kwargs)
+            if not watch.poll and not self._covers_tree(observed, watch):
+                raise OSError(errno.ENOSPC, "inotify watch limit reached below the root")
         except OSError as exc:
             if watch.poll or exc.errno not in (errno.ENOSPC, errno.EMFILE):
                 raise
@@ -216,6 +218,26 @@ class Observers:
             if observer is not None:
                 with contextlib.suppress(KeyError, ValueError):
                     observer.unschedule(observed)
+
+    def _covers_tree(self, observed: ObservedWatch, watch: WatchConfig) -> bool:
+        """Did inotify get a watch on every folder? watchdog silently skips sub-folders whose
+        watch fails, so hitting fs.inotify.max_user_watches mid-tree would go unnoticed.
+
+        Reads watchdog internals (7.x); if they are not there, says yes and leaves it to the
+        periodic rescans.
+        """
+        if not watch.recursive or self._native is None:
+            return True
+        emitter = getattr(self._native, "_emitter_for_watch", {}).get(observed)
+        group = getattr(emitter, "_inotify", None)
+        watched = getattr(group, "_active_callbacks_by_path", None)
+        if watched is None:
+            return True
+        folders = 1 + sum(len(dirs) for _, dirs, _ in os.walk(watch.path))
+        if len(watched) >= folders:
+            return True
+        self._unschedule(observed)
+        return False
 
     def check_roots(self) -> list[WatchConfig]:
         """Watch again every root that disappeared or was replaced; return those re-watched."""
@@ -323,7 +345,7 @@ def walk(watch: WatchConfig, path_filter: PathFilter, top: str | None = None) ->
             if is_dir and not is_link:
                 if watch.recursive and path_filter.wants_dir(rel):
                     stack.append(entry.path)
-            elif path_filter.wants_file(rel):
+            elif path_filter.wants_entry(rel, entry.name):
                 # Links to folders are yielded too, and classified (and skipped) by the caller:
                 # they are never descended. Inside the root, what they lead to is already
                 # watched under its real path; outside, it must not be reached at all.

@@ -9,6 +9,7 @@ and auth (everything stops).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import json
@@ -163,19 +164,34 @@ class FilePayload(aiohttp.payload.Payload):
     async def write_with_length(
         self, writer: AbstractStreamWriter, content_length: int | None
     ) -> None:
-        loop = asyncio.get_running_loop()
         size = remaining = self._size or 0
-        while remaining > 0:
-            n = min(UPLOAD_CHUNK_BYTES, remaining)
-            if size <= INLINE_READ_MAX_BYTES:
-                chunk = self._read(n)  # a few pages from the page cache: no thread hop
-            else:
-                chunk = await loop.run_in_executor(None, self._read, n)
-            if not chunk:
+        if size <= INLINE_READ_MAX_BYTES:
+            chunk = self._read(size)  # a few pages from the page cache: no thread hop
+            if len(chunk) < size:
                 self.shrank = True
                 raise FileChangedError("file shrank while being sent")
             await writer.write(chunk)
-            remaining -= len(chunk)
+            return
+        # Larger files: the next chunk is read and hashed in a thread while this one is sent,
+        # so hashing costs no time on the wire. Reads stay in order: one at a time.
+        loop = asyncio.get_running_loop()
+        ahead = loop.run_in_executor(None, self._read, min(UPLOAD_CHUNK_BYTES, remaining))
+        try:
+            while remaining > 0:
+                chunk = await ahead
+                if not chunk:
+                    self.shrank = True
+                    raise FileChangedError("file shrank while being sent")
+                remaining -= len(chunk)
+                if remaining > 0:
+                    n = min(UPLOAD_CHUNK_BYTES, remaining)
+                    ahead = loop.run_in_executor(None, self._read, n)
+                await writer.write(chunk)
+        finally:
+            if not ahead.done():
+                # Cut mid-send: let the last read finish before the file is closed under it.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(ahead)
 
 
 # --- rate limit and shared pause ----------------------------------------------------------------
