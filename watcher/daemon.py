@@ -84,11 +84,11 @@ class Daemon:
                 pipeline.on_auth_error = self._on_auth_error
                 pipeline.on_fatal = self._on_fatal
                 pipeline.on_root_lost = self._on_root_lost
-                await self._startup(pipeline, recovered)
                 try:
+                    await self._startup(pipeline, recovered)
                     await self._main(pipeline)
                 finally:
-                    await self._shutdown(pipeline)
+                    await self._shutdown(pipeline)  # also after a failed start: no stray task
         finally:
             manifest.close()
         return self._exit_status(pipeline)

@@ -31,6 +31,7 @@ from watcher.constants import (
     IDLE_POLL_S,
     PENDING,
     SCAN_BATCH,
+    UPLOADED,
     UPLOADING,
 )
 from watcher.errors import (
@@ -127,7 +128,7 @@ class Pipeline:
         inspection = inspect(watch, path)
         if inspection.kind is Kind.GONE or not self._is_new(path, inspection):
             return
-        self.settler.touch(watch, path)
+        self.settler.touch(watch, path, inspection)
 
     def _is_new(self, path: str, inspection: Inspection) -> bool:
         known = self.manifest.stat_of(path)
@@ -160,7 +161,7 @@ class Pipeline:
         else:
             assert st is not None
             record = self.manifest.get(path)
-            if record and record.state == "uploaded" and record.size == st.st_size:
+            if record and record.state == UPLOADED and record.size == st.st_size:
                 # Same size, new mtime (touch, cp -p of the same bytes): compare content.
                 self.spawn(self._compare_and_queue(watch, path, record, st))
                 return

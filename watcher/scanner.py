@@ -89,12 +89,13 @@ class Settler:
     def __len__(self) -> int:
         return sum(len(d) for d in self._waiting.values())
 
-    def touch(self, watch: WatchConfig, path: str) -> None:
-        """Something changed at ``path``: restart its settle clock."""
+    def touch(self, watch: WatchConfig, path: str, inspection: Inspection | None = None) -> None:
+        """Something changed at ``path`` (just ``inspection``-ed, if given): restart its clock."""
         waiting = self._waiting.setdefault(watch, OrderedDict())
         if not waiting:
             self._wake.set()
-        waiting[path] = (self._clock(), signature(inspect(watch, path)))
+        inspection = inspection or inspect(watch, path)
+        waiting[path] = (self._clock(), signature(inspection))
         waiting.move_to_end(path)
 
     def forget_watch(self, watch: WatchConfig) -> None:
