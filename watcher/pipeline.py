@@ -91,6 +91,7 @@ class Pipeline:
         self._to_commit: list[tuple[Uploaded, WatchConfig]] = []
         self._commit_timer: asyncio.TimerHandle | None = None
         self._task_starts = asyncio.Semaphore(config.api.concurrency)
+        self._changed_in_flight: set[str] = set()  # see _is_new
 
     # -- intake ----------------------------------------------------------------------------------
 
@@ -135,8 +136,13 @@ class Pipeline:
         if known is None:
             return True
         state, size, mtime_ns = known
-        if state in (PENDING, UPLOADING):
-            return False  # already queued; the upload sends whatever is there by then
+        if state == UPLOADING:
+            # Being sent, or sent and waiting for its commit: if this change came after the
+            # upload read the file, it must be looked at again once the row is committed.
+            self._changed_in_flight.add(path)
+            return False
+        if state == PENDING:
+            return False  # queued; the upload sends whatever is there by then
         st = inspection.st
         return st is None or (size, mtime_ns) != (st.st_size, st.st_mtime_ns)
 
@@ -204,6 +210,8 @@ class Pipeline:
                 raise
             finally:
                 self.in_flight -= 1
+                if not any(done.path == record.path for done, _ in self._to_commit):
+                    self._changed_in_flight.discard(record.path)  # vanished, skipped, cut…
                 self.changed.set()
 
     def stop_accepting(self) -> None:
@@ -256,6 +264,7 @@ class Pipeline:
                 "changed while sending, will settle and send again", path=path, reason=exc.reason
             )
             self.manifest.forget(path)
+            self._changed_in_flight.discard(path)
             self.settler.touch(watch, path)
             return
         except (PermanentError, TransientError) as exc:
@@ -308,7 +317,14 @@ class Pipeline:
             actions.after_upload(watch, done.path, self.manifest)
             if watch.task is not None:
                 self.spawn(self._start_task(watch, done.path))
+            self._recheck(watch, done.path)
         self.changed.set()
+
+    def _recheck(self, watch: WatchConfig, path: str) -> None:
+        """The row has its final state: settle the file again if it changed meanwhile."""
+        if path in self._changed_in_flight:
+            self._changed_in_flight.discard(path)
+            self.settler.touch(watch, path)
 
     async def _start_task(self, watch: WatchConfig, path: str) -> None:
         async with self._task_starts:
@@ -346,6 +362,7 @@ class Pipeline:
         self._outcome("failed", record.size or 0)
         log.warning("failed", path=record.path, reason=reason, attempt=attempts)
         actions.after_failure(watch, record.path, self.manifest)
+        self._recheck(watch, record.path)
 
     def _on_retry(self, kind: str, subject: str, attempt: int, reason: str, wait_s: float) -> None:
         self.metrics.inc("retries_total")
