@@ -37,6 +37,7 @@ class UploadError(Exception):
         self.reason = reason
         self.retry_after_s = retry_after_s
         self.status = status
+        self.attempts = 1  # set by the client once it gives up: how many tries it took
 
 
 class TransientError(UploadError):

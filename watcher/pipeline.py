@@ -351,13 +351,10 @@ class Pipeline:
     def _fail(
         self, watch: WatchConfig, record: Record, exc: PermanentError | TransientError
     ) -> None:
-        transient = isinstance(exc, TransientError)
-        reason = (
-            f"gave up after {self.config.api.max_attempts} attempts: {exc.reason}"
-            if transient
-            else exc.reason
-        )
-        attempts = self.config.api.max_attempts if transient else record.attempts + 1
+        attempts = exc.attempts
+        reason = exc.reason  # a permanent rejection: the API's own words
+        if isinstance(exc, TransientError):
+            reason = f"gave up after {attempts} attempt{'s' * (attempts > 1)}: {exc.reason}"
         self.manifest.mark_failed(record.path, reason, attempts=attempts)
         self._outcome("failed", record.size or 0)
         log.warning("failed", path=record.path, reason=reason, attempt=attempts)

@@ -41,6 +41,7 @@ from watcher.errors import (
     PermanentError,
     RateLimitedError,
     TransientError,
+    UploadError,
 )
 
 PERMANENT_STATUSES = frozenset({400, 413, 415, 422})
@@ -287,9 +288,13 @@ class ApiClient:
             before_sleep=note,
             reraise=True,
         )
-        async for attempt in retrying:
-            with attempt:
-                result = await call()
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    result = await call()
+        except UploadError as exc:
+            exc.attempts = attempt.retry_state.attempt_number  # for the manifest and the log
+            raise
         return result, attempt.retry_state.attempt_number
 
     async def _request(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
