@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from watcher import config
+from watcher import checks, config
 from watcher.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -473,13 +473,13 @@ def test_invalid_base_url_env_is_an_error_naming_it(
     ],
 )
 def test_parse_size(value: Any, expected: int) -> None:
-    assert config.parse_size(value) == expected
+    assert checks.parse_size(value) == expected
 
 
 @pytest.mark.parametrize("value", ["12 parsecs", "", "MiB", "-1MiB", "0", "0KiB", 0, -1, True, 1.5])
 def test_parse_size_rejects(value: Any) -> None:
     with pytest.raises(ValueError):
-        config.parse_size(value)
+        checks.parse_size(value)
 
 
 # --- paths ---------------------------------------------------------------------------------------
@@ -751,12 +751,12 @@ def test_example_config_parses_and_has_every_key() -> None:
 
     found = _keys_by_section(text)
     expected = {
-        "api": set(config._API_KEYS),
-        "manifest": set(config._MANIFEST_KEYS),
-        "log": set(config._LOG_KEYS),
-        "metrics": set(config._METRICS_KEYS),
-        "watch": set(config._WATCH_KEYS) - {"task"},
-        "watch.task": set(config._TASK_KEYS),
+        "api": set(checks.API_KEYS),
+        "manifest": set(checks.MANIFEST_KEYS),
+        "log": set(checks.LOG_KEYS),
+        "metrics": set(checks.METRICS_KEYS),
+        "watch": set(checks.WATCH_KEYS) - {"task"},
+        "watch.task": set(checks.TASK_KEYS),
     }
     for section, keys in expected.items():
         missing = keys - found.get(section, set())
