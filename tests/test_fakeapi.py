@@ -19,13 +19,14 @@ import time
 import tracemalloc
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import smooth
+from conftest import wait_until
 from pydantic import BaseModel
 
 from watcher.fakeapi import FakeApi, Faults, serve_in_thread
@@ -89,13 +90,6 @@ def multipart(
 def upload(base: str, filename: bytes = b"a.txt", **kw: Any) -> tuple[int, dict[str, str], Any]:
     body, headers = multipart(filename, **kw)
     return call("POST", f"{base}/file", body, headers)
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def sha256(path: Path) -> str:
@@ -248,8 +242,8 @@ def test_client_gone_mid_upload_leaves_nothing(api: FakeApi, base: str) -> None:
             b"Content-Type: multipart/form-data; boundary=BOUNDARY\r\n"
             b"Content-Length: 10000000\r\n\r\n" + head + os.urandom(1_000_000)
         )
-        wait_for(lambda: list(api.data_dir.glob("*.part")))
-    wait_for(lambda: [r.status for r in api.requests] == [0])
+        wait_until(lambda: list(api.data_dir.glob("*.part")))
+    wait_until(lambda: [r.status for r in api.requests] == [0])
     assert not api.files and not list(api.data_dir.iterdir())
 
 

@@ -218,18 +218,25 @@ def test_deleted_and_renamed_files(make_setup, run_daemon) -> None:
     daemon.stop()
 
 
-@pytest.fixture
-def tiny_inotify_queue() -> Iterator[None]:
-    knob = Path("/proc/sys/fs/inotify/max_queued_events")
+@contextlib.contextmanager
+def sysctl(name: str, value: str) -> Iterator[None]:
+    """Set /proc/sys/fs/inotify/<name> for one test (as root), and put it back."""
+    knob = Path("/proc/sys/fs/inotify") / name
     old = knob.read_text()
     try:
-        knob.write_text("16")
+        knob.write_text(value)
     except OSError:
-        pytest.skip("cannot shrink the inotify queue here (not root, or /proc read-only)")
+        pytest.skip(f"cannot set {knob} here (not root, or /proc read-only)")
     try:
         yield
     finally:
         knob.write_text(old)
+
+
+@pytest.fixture
+def tiny_inotify_queue() -> Iterator[None]:
+    with sysctl("max_queued_events", "16"):
+        yield
 
 
 def test_inotify_overflow_leads_to_a_rescan(make_setup, run_daemon, tiny_inotify_queue) -> None:
@@ -249,16 +256,8 @@ def test_inotify_overflow_leads_to_a_rescan(make_setup, run_daemon, tiny_inotify
 
 @pytest.fixture
 def one_inotify_watch() -> Iterator[None]:
-    knob = Path("/proc/sys/fs/inotify/max_user_watches")
-    old = knob.read_text()
-    try:
-        knob.write_text("1")
-    except OSError:
-        pytest.skip("cannot lower max_user_watches here")
-    try:
+    with sysctl("max_user_watches", "1"):
         yield
-    finally:
-        knob.write_text(old)
 
 
 def test_watch_limit_falls_back_to_polling(make_setup, run_daemon, one_inotify_watch) -> None:
