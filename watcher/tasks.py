@@ -123,8 +123,8 @@ class TaskRunner:
         if not self._waited:
             return
         while True:
+            self._wake.clear()  # before polling: a task started meanwhile must wake us
             delay = await self._poll_due()
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
