@@ -38,8 +38,8 @@ HEARTBEAT_S = 10.0
 COMMIT_WINDOW_S = 0.05
 COMMIT_BATCH_MAX = 256
 
-# Files handed from the scanner to settling per event-loop turn: keeps the loop responsive
-# during a scan of 100,000 files.
+# Files handed on per event-loop turn, by the scanner to settling and by settling to the
+# manifest: keeps the loop responsive during a scan or a burst of 100,000 files.
 SCAN_BATCH = 500
 
 # Error messages kept per row are cut to this length: an HTML error page is not a reason.

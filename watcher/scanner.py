@@ -40,6 +40,7 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from watcher.config import WatchConfig
+from watcher.constants import SCAN_BATCH
 from watcher.filters import Inspection, Kind, PathFilter, inside, inspect, relpath
 
 log = structlog.get_logger("watcher.scanner")
@@ -98,24 +99,31 @@ class Settler:
         waiting[path] = (self._clock(), signature(inspection))
         waiting.move_to_end(path)
 
-    def forget_watch(self, watch: WatchConfig) -> None:
-        self._waiting.pop(watch, None)
-
     async def run(self) -> None:
         while True:
             self._wake.clear()
             delay = self._settle_due()
             if delay is None:
                 await self._wake.wait()
+            elif delay == 0:
+                await asyncio.sleep(0)  # more are due: let the loop breathe, then go on
             else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
 
     def _settle_due(self) -> float | None:
-        """Hand on every path whose time has come; return the delay to the next deadline."""
+        """Hand on the paths whose time has come; return the delay to the next deadline.
+
+        At most SCAN_BATCH per call: a burst of 100,000 files that settle together must not
+        hold the event loop (uploads, signals) for seconds.
+        """
         next_delay: float | None = None
+        handled = 0
         for watch, waiting in list(self._waiting.items()):
             while waiting:
+                if handled >= SCAN_BATCH:
+                    return 0.0
+                handled += 1
                 path, (seen, sig) = next(iter(waiting.items()))
                 remaining = seen + watch.settle_s - self._clock()
                 if remaining > 0:
