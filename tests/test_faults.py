@@ -113,10 +113,11 @@ def test_kill_9_then_restart_loses_nothing(make_setup) -> None:
     with daemon_process(setup):
         wait_until(lambda: uploaded(setup, list(files)), timeout=30, what="all after restart")
     assert every_uploaded_row_is_on_the_server(setup) == 30
-    # Only files in flight at the kill (at most `concurrency`) may have been sent twice.
+    # Only files in flight at the kill may have been sent twice: at most `concurrency` being
+    # sent, plus at most one per worker confirmed but waiting for the 50 ms group commit.
     per_name = Counter(f.name for f in setup.api.api.files.values())
     assert max(per_name.values()) <= 2
-    assert sum(1 for n in per_name.values() if n == 2) <= 4
+    assert sum(1 for n in per_name.values() if n == 2) <= 2 * 4
 
 
 def test_sigterm_lets_in_flight_uploads_finish(make_setup) -> None:
