@@ -125,13 +125,6 @@ class Child:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def json_lines(self) -> list[dict[str, Any]]:
-        lines = []
-        for line in self.output().splitlines():
-            with contextlib.suppress(ValueError):
-                lines.append(json.loads(line))
-        return lines
-
     def wait_for_line(self, predicate: Any, timeout: float) -> dict[str, Any] | None:
         """The first JSON log line for which ``predicate`` holds, polling the log file."""
         deadline = time.monotonic() + timeout

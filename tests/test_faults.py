@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Setup, records, toml_value, uploaded, wait_until
+from conftest import Setup, records, toml_value, uploaded, wait_until
 from structlog.testing import capture_logs
 
 
@@ -306,8 +306,3 @@ def test_burst_of_20000_files(make_setup, run_daemon) -> None:
     )
     assert len(setup.api.api.files) == 20_000
     daemon.stop()
-
-
-def test_cli_module_runs_from_a_clean_checkout() -> None:
-    # The tests import watcher from the repo root; so does `python -m watcher` in CI.
-    assert (ROOT / "watcher" / "__main__.py").exists()

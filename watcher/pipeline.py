@@ -224,9 +224,6 @@ class Pipeline:
         while self._claimed:
             self.manifest.release(self._claimed.popleft().path)
 
-    def wake(self) -> None:
-        self._work.set()
-
     async def _process(self, record: Record) -> None:
         path = record.path
         watch = self.config.watch_for(Path(path))
